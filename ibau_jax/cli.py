@@ -1,0 +1,253 @@
+"""Command line: ``ibau-jax unlearn`` and ``ibau-jax evaluate``.
+
+    ibau-jax unlearn --checkpoint badnets_8_02_ckpt.pth --dataset cifar10 --data-dir DIR \\
+        --trigger-dir DIR --attack badnets --target 8 --rounds 1 --out result.json
+
+``unlearn`` prints clean accuracy and both ASR conventions before and after every round
+with the round's seconds, shows a progress bar over the outer steps, and rewrites
+RESULT.json (plus RESULT.md, a markdown table) atomically after every round, so an
+interrupted run keeps every finished round.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+DATASETS = ("cifar10", "gtsrb")
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line, exit status 2."""
+
+
+# ----------------------------------------------------------------------------- output files
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temp file in the same folder and ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    """The result's per-round figures as a markdown table."""
+    c = result["config"]
+    lines = [f"# I-BAU: {c['attack']} (target {c['target']}) on {c['dataset']}, "
+             f"solver {c['ibau']['solver']} K={c['ibau']['K']}, seed {c['seed']}", "",
+             "| round | clean acc | ASR (all) | ASR (non-target) | seconds |",
+             "|---|---|---|---|---|"]
+    b = result["before"]
+    lines.append(f"| before | {b['clean_acc']:.4f} | {b['asr_all']:.4f} | {b['asr_nontarget']:.4f} | |")
+    for r in result["rounds"]:
+        lines.append(f"| {r['round']} | {r['clean_acc']:.4f} | {r['asr_all']:.4f} | "
+                     f"{r['asr_nontarget']:.4f} | {r['seconds']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def save_result(out: Path, result: dict[str, Any]) -> None:
+    write_atomic(out, json.dumps(result, indent=2) + "\n")
+    write_atomic(out.with_suffix(".md"), markdown_table(result))
+
+
+# ----------------------------------------------------------------------------- loading
+
+def load_test_set(dataset: str, data_dir: str | None, download: bool):
+    from . import data
+
+    if dataset == "cifar10":
+        return data.load_cifar10(data_dir, split="test", download=download)
+    if dataset == "gtsrb":
+        if data_dir is None:
+            raise CLIError("--dataset gtsrb needs --data-dir (a folder holding test_roi32.npz)")
+        return data.load_gtsrb(data_dir)
+    raise CLIError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+
+
+def _fmt(m: dict[str, float]) -> str:
+    return f"clean_acc {m['clean_acc']:.4f}  asr_all {m['asr_all']:.4f}  asr_nontarget {m['asr_nontarget']:.4f}"
+
+
+# ----------------------------------------------------------------------------- commands
+
+def cmd_unlearn(args: argparse.Namespace) -> int:
+    import jax
+    from tqdm import tqdm
+
+    from . import attacks, checkpoints, data, ibau, metrics, models
+
+    test = load_test_set(args.dataset, args.data_dir, download=not args.no_download)
+    clean, acc_set = data.ibau_split(test, args.n_clean)
+    target = attacks.check_target(args.target, test.num_classes)
+    trigger = attacks.load_trigger(args.attack, args.trigger_dir)
+
+    variables, meta = checkpoints.load_model(args.checkpoint, args.model, test.num_classes)
+    model = models.get_model(args.model, test.num_classes)
+    overrides: dict[str, Any] = {"K": args.K, "solver": args.solver, "batch_size": args.batch_size}
+    if args.no_projection:
+        overrides["radius"] = None
+    elif args.radius is not None:
+        overrides["radius"] = args.radius
+    if args.outer_lr is not None:
+        overrides["outer_lr"] = args.outer_lr
+    preset = {"faithful": ibau.IBAUConfig.faithful, "defense_py": ibau.IBAUConfig.defense_py}[args.preset]
+    config = preset(**overrides)
+
+    clean_x = data.to_float(clean.x)
+    xb = data.batches(clean_x, config.batch_size)
+    yb = data.batches(clean.y, config.batch_size)
+    if args.limit_batches:
+        xb, yb = xb[: args.limit_batches], yb[: args.limit_batches]
+    asr_x, asr_t = attacks.poisoned_test_set(clean_x, clean.y, trigger, target)
+    acc_x = data.to_float(acc_set.x)
+    apply_fn = model.apply
+
+    def evaluate(v) -> dict[str, float]:
+        return metrics.evaluate(apply_fn, v, acc_x, acc_set.y, asr_x, asr_t, clean.y)
+
+    result: dict[str, Any] = {
+        "config": {"checkpoint": str(args.checkpoint), "model": args.model, "dataset": args.dataset,
+                   "attack": args.attack, "target": target, "rounds": args.rounds, "seed": args.seed,
+                   "n_clean": args.n_clean, "num_batches": int(xb.shape[0]), "preset": args.preset,
+                   "ibau": dataclasses.asdict(config), "jax_backend": jax.default_backend()},
+        "before": evaluate(variables), "rounds": []}
+    print(f"before    {_fmt(result['before'])}", flush=True)
+    out = Path(args.out)
+    save_result(out, result)
+
+    bar = tqdm(total=args.rounds * xb.shape[0], unit="step", desc="unlearning", dynamic_ncols=True,
+               disable=args.quiet)
+    round_fn = ibau.make_round(model, config, on_step=lambda loss: bar.update(1))
+    params, batch_stats = variables["params"], variables["batch_stats"]
+    opt_state = config.outer_tx().init(params)
+    key = jax.random.PRNGKey(args.seed)
+    for r in range(1, args.rounds + 1):
+        key, sub = jax.random.split(key)
+        masks = ibau.random_masks(sub, xb.shape[0], config)
+        bar.set_postfix_str(f"round {r}/{args.rounds}" + (" (compiling)" if r == 1 else ""))
+        t0 = time.perf_counter()
+        outp = jax.block_until_ready(round_fn(params, batch_stats, opt_state, xb, yb, masks))
+        seconds = time.perf_counter() - t0
+        params, opt_state = outp.params, outp.opt_state
+        if not all(bool(np.isfinite(np.asarray(a)).all()) for a in jax.tree.leaves(params)):
+            raise CLIError(f"round {r} produced non-finite parameters (the solver diverged); "
+                           f"lower --outer-lr, or use --solver normal_cg / gmres / dense")
+        m = evaluate({"params": params, "batch_stats": batch_stats})
+        m.update(round=r, seconds=round(seconds, 3), delta_norm=float(np.linalg.norm(np.asarray(outp.delta))),
+                 includes_compile=r == 1)
+        result["rounds"].append(m)
+        bar.write(f"round {r:<3} {_fmt(m)}  ({seconds:.1f} s{', incl. compile' if r == 1 else ''})")
+        save_result(out, result)
+    bar.close()
+    if args.save:
+        checkpoints.save_checkpoint(args.save, {"params": params, "batch_stats": batch_stats},
+                                    {"model": args.model, "num_classes": test.num_classes,
+                                     "attack": args.attack, "target": target, "unlearned_with": "ibau-jax",
+                                     "rounds": args.rounds, "source_checkpoint": str(args.checkpoint)})
+        print(f"saved the unlearned model to {args.save}")
+    print(f"wrote {out} and {out.with_suffix('.md')}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from . import attacks, checkpoints, data, metrics, models
+
+    test = load_test_set(args.dataset, args.data_dir, download=not args.no_download)
+    clean, acc_set = data.ibau_split(test, args.n_clean)
+    target = attacks.check_target(args.target, test.num_classes)
+    trigger = attacks.load_trigger(args.attack, args.trigger_dir)
+    variables, _ = checkpoints.load_model(args.checkpoint, args.model, test.num_classes)
+    model = models.get_model(args.model, test.num_classes)
+    clean_x = data.to_float(clean.x)
+    asr_x, asr_t = attacks.poisoned_test_set(clean_x, clean.y, trigger, target)
+    m = metrics.evaluate(model.apply, variables, data.to_float(acc_set.x), acc_set.y, asr_x, asr_t, clean.y)
+    print(json.dumps(m))
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+
+def _common(p: argparse.ArgumentParser) -> None:
+    from . import attacks, models
+
+    p.add_argument("--checkpoint", required=True, help="PyTorch checkpoint (.pth) or ibau-jax checkpoint (.npz)")
+    p.add_argument("--model", default="small_vgg", choices=sorted(models.MODELS))
+    p.add_argument("--dataset", default="cifar10", choices=DATASETS)
+    p.add_argument("--data-dir", default=None,
+                   help="CIFAR-10: npz folder, cifar-10-python.tar.gz or its folder (default: download "
+                        "to the cache); GTSRB: folder with test_roi32.npz")
+    p.add_argument("--no-download", action="store_true", help="never download data")
+    p.add_argument("--trigger-dir", default=None, help="folder with the trigger PNGs (and mask.npy)")
+    p.add_argument("--attack", default="badnets", choices=attacks.ATTACKS)
+    p.add_argument("--target", type=int, default=8, help="the backdoor's target class")
+    p.add_argument("--n-clean", type=int, default=5000,
+                   help="test images 0..n-1 are the defender's clean set, the rest measure accuracy")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import hypergrad
+
+    parser = argparse.ArgumentParser(prog="ibau-jax", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    u = sub.add_parser("unlearn", help="run I-BAU rounds on a poisoned model")
+    _common(u)
+    u.add_argument("--rounds", type=int, default=1)
+    u.add_argument("--preset", default="faithful", choices=("faithful", "defense_py"),
+                   help="faithful = the original notebook (L2 projection on); defense_py = projection off")
+    u.add_argument("--solver", default="neumann", choices=hypergrad.SOLVERS)
+    u.add_argument("--K", type=int, default=5, help="fixed-point (Neumann) steps")
+    u.add_argument("--batch-size", type=int, default=100)
+    u.add_argument("--radius", type=float, default=None, help="L2 radius of δ (default 10)")
+    u.add_argument("--no-projection", action="store_true")
+    u.add_argument("--outer-lr", type=float, default=None, help="Adam learning rate (default 1e-3)")
+    u.add_argument("--limit-batches", type=int, default=0, help="use only the first B clean batches (quick runs)")
+    u.add_argument("--seed", type=int, default=0)
+    u.add_argument("--out", default="result.json")
+    u.add_argument("--save", default=None, help="write the unlearned model here (.npz)")
+    u.add_argument("--quiet", action="store_true", help="no progress bar")
+    u.set_defaults(func=cmd_unlearn)
+
+    e = sub.add_parser("evaluate", help="clean accuracy and ASR of a model")
+    _common(e)
+    e.set_defaults(func=cmd_evaluate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .attacks import AttackError
+    from .checkpoints import CheckpointError
+    from .data import DataError
+
+    args = build_parser().parse_args(argv)
+    if getattr(args, "rounds", 1) < 1:
+        print("ibau-jax: error: --rounds must be >= 1", file=sys.stderr)
+        return 2
+    if getattr(args, "save", None) and not str(args.save).endswith(".npz"):
+        print("ibau-jax: error: --save writes an ibau-jax checkpoint; give it a .npz name", file=sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except (CLIError, AttackError, CheckpointError, DataError, ValueError) as e:
+        print(f"ibau-jax: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
