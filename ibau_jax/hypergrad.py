@@ -33,6 +33,7 @@ with warnings.catch_warnings():
 PyTree = Any
 Solve = Callable[[Callable[[PyTree], PyTree], PyTree], PyTree]
 
+_UNROLL_MAX = 16
 SOLVERS = ("neumann", "normal_cg", "gmres", "cg", "bicgstab", "dense")
 
 
@@ -48,13 +49,16 @@ def neumann(K: int, step: float = 1.0) -> Solve:
         raise ValueError(f"neumann needs K >= 1, got K={K}")
 
     def solve(matvec, b):
-        x = jax.tree.map(lambda bi: step * bi, b)
-
         def body(_, x):
             r = jax.tree.map(lambda bi, ai: bi - ai, b, matvec(x))
             return jax.tree.map(lambda xi, ri: xi + step * ri, x, r)
 
-        return jax.lax.fori_loop(1, K, body, x) if K > 1 else x
+        x = jax.tree.map(lambda bi: step * bi, b)
+        if K <= _UNROLL_MAX:  # small K: unrolled, so XLA schedules (and cost-counts) every step
+            for k in range(1, K):
+                x = body(k, x)
+            return x
+        return jax.lax.fori_loop(1, K, body, x)
 
     return solve
 

@@ -230,7 +230,10 @@ def test_implicit_term_is_exercised(jax_model, problem, results):
     plain_v = _flat(_jax_by_path(jax.tree.map(np.asarray, plain)), keys)
     j1, j5 = _flat(_jax_by_path(g1), keys), _flat(_jax_by_path(g5), keys)
     r1, r5 = _flat(t1, keys), _flat(t5, keys)
-    # Differences between variants, well above the 1e-4 parity tolerance (measured ~1e-2).
+    # Differences between variants, far above the 1e-4 parity tolerance. Measured: the K=5
+    # hypergradient is ~180x the plain gradient in norm (relative difference ~1.8e2) and ~1.1e2
+    # from K=1: with η = 0.1 the Neumann series of ∂Φ/∂δ grows at this δ (faithful K=5 is a
+    # truncation of a divergent series), so the implicit term dominates.
     implicit_rel = _rel(r5, plain_v)
     k_rel = _rel(r5, r1)
     assert implicit_rel > 100 * HYPERGRAD_RTOL, f"implicit term too small: {implicit_rel:.3e}"

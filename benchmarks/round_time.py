@@ -1,0 +1,172 @@
+"""Time one faithful I-BAU round in JAX against the PyTorch reference, on the same data.
+
+    python benchmarks/round_time.py [--shared ../shared] [--limit-batches B] [--skip-torch]
+
+Both implementations start from the authors' BadNets checkpoint, use the clean set
+(test images 0..4999 in batches of 100), the same perturbed index per outer batch, K=5 and
+the original defaults, then report seconds, clean accuracy, ASR and how far the two
+unlearned models differ. JAX compile time is measured apart (``lower().compile()``).
+
+FLOPs: XLA's cost analysis counts a loop body once, so the round's FLOPs are computed from
+the standalone compiled pieces: B x (one search step) + B x (one outer step). Achieved
+FLOP/s = those FLOPs / the round's run seconds. Writes benchmarks/results/round_time_<backend>.json
+and prints a markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "experiments"))
+
+from ibau_jax import attacks, checkpoints, data, ibau, metrics, models  # noqa: E402
+from ibau_jax.cli import write_atomic  # noqa: E402
+
+
+def flops_of(fn, *args) -> float:
+    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", float("nan")))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shared", default=os.environ.get("IBAU_SHARED", str(REPO.parent / "shared")))
+    ap.add_argument("--limit-batches", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--skip-torch", action="store_true")
+    ap.add_argument("--torch-threads", type=int, default=0, help="0 = torch's default")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    shared = Path(args.shared)
+
+    test = data.load_cifar10(shared / "datasets/cifar10", download=False)
+    clean, acc_set = data.ibau_split(test)
+    cfg = ibau.IBAUConfig.faithful()
+    clean_x = data.to_float(clean.x)
+    xb, yb = data.batches(clean_x, cfg.batch_size), data.batches(clean.y, cfg.batch_size)
+    if args.limit_batches:
+        xb, yb = xb[: args.limit_batches], yb[: args.limit_batches]
+    B = xb.shape[0]
+    trig = attacks.badnets()
+    asr_x, asr_t = attacks.poisoned_test_set(clean_x, clean.y, trig, 8)
+    acc_x = data.to_float(acc_set.x)
+    ckpt = shared / "ibau-original/checkpoints/badnets_8_02_ckpt.pth"
+    variables, _ = checkpoints.load_torch_checkpoint(ckpt)
+    model = models.get_model("small_vgg", 10)
+    masks = ibau.random_masks(jax.random.PRNGKey(args.seed), B, cfg)
+    idx = [np.flatnonzero(np.asarray(m)) for m in masks]
+
+    # ---------------- JAX
+    params, bs = jax.tree.map(jnp.asarray, variables["params"]), jax.tree.map(jnp.asarray, variables["batch_stats"])
+    opt_state = cfg.outer_tx().init(params)
+    xb_j, yb_j = jnp.asarray(xb), jnp.asarray(yb)
+    round_fn = ibau.make_round(model, cfg)
+    t0 = time.perf_counter()
+    compiled = round_fn.lower(params, bs, opt_state, xb_j, yb_j, masks).compile()
+    compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(compiled(params, bs, opt_state, xb_j, yb_j, masks))
+    jax_s = time.perf_counter() - t0
+    jax_vars = {"params": out.params, "batch_stats": bs}
+    jax_m = metrics.evaluate(model.apply, jax_vars, acc_x, acc_set.y, asr_x, asr_t, clean.y)
+
+    logits = ibau.make_logits_fn(model)
+    fn = lambda p, x: logits(bs, p, x)
+    delta = out.delta
+    step_flops = flops_of(lambda p, s: ibau.outer_step(fn, cfg, p, s, delta, xb_j[0], yb_j[0], xb_j[1], yb_j[1],
+                                                      masks[1]), params, opt_state)
+    search_flops = flops_of(lambda p, x, y: ibau.search_perturbation(fn, p, x[None], y[None], cfg),
+                            params, xb_j[0], yb_j[0])
+    round_flops = B * (step_flops + search_flops)
+    result = {
+        "device": jax.devices()[0].device_kind, "backend": jax.default_backend(), "cpu_count": os.cpu_count(),
+        "platform": platform.platform(), "jax": jax.__version__, "batches": B, "K": cfg.K, "seed": args.seed,
+        "jax": {"compile_s": compile_s, "round_s": jax_s, "per_step_s": jax_s / B, **jax_m,
+                "delta_norm": float(jnp.linalg.norm(delta)),
+                "flops_round": round_flops, "flops_outer_step": step_flops, "flops_search_step": search_flops,
+                "achieved_gflops_per_s": round_flops / jax_s / 1e9},
+    }
+
+    # ---------------- PyTorch reference, same data and perturbed indices
+    if not args.skip_torch:
+        import torch
+        import torch_ibau
+
+        if args.torch_threads:
+            torch.set_num_threads(args.torch_threads)
+        tm = torch_ibau.load_small_vgg(str(ckpt))
+        opt = torch_ibau.make_optimizer(tm, cfg.outer_lr)
+        t0 = time.perf_counter()
+        tdelta, timings = torch_ibau.unlearn_round(tm, xb, yb, idx, K=cfg.K, eta=cfg.fp_step, reg=cfg.inner_reg,
+                                                   outer_lr=cfg.outer_lr, search_lr=cfg.search_lr,
+                                                   radius=cfg.radius, optimizer=opt)
+        torch_s = time.perf_counter() - t0
+        t_acc = torch_ibau.evaluate(tm, acc_x, acc_set.y)
+        t_asr = torch_ibau.evaluate(tm, asr_x, asr_t)
+        # parameter agreement, in flax layout
+        sd = {k: v.detach().numpy() for k, v in tm.state_dict().items()}
+        conv_idx, bn_idx = (0, 3, 8, 11, 16, 19), (1, 4, 9, 12, 17, 20)
+        pairs = []
+        for i, (c, b) in enumerate(zip(conv_idx, bn_idx)):
+            pairs += [(out.params[f"conv{i}"]["kernel"], sd[f"features.{c}.weight"].transpose(2, 3, 1, 0)),
+                      (out.params[f"conv{i}"]["bias"], sd[f"features.{c}.bias"]),
+                      (out.params[f"bn{i}"]["scale"], sd[f"features.{b}.weight"]),
+                      (out.params[f"bn{i}"]["bias"], sd[f"features.{b}.bias"])]
+        pairs.append((out.params["classifier"]["kernel"], sd["classifier.weight"].T))
+        pairs.append((out.params["classifier"]["bias"], sd["classifier.bias"]))
+        a = np.concatenate([np.asarray(p).ravel() for p, _ in pairs])
+        b = np.concatenate([q.ravel() for _, q in pairs])
+        result["torch"] = {"threads": torch.get_num_threads(), "round_s": torch_s, "search_s": timings["search_s"],
+                           "per_step_s": timings["unlearn_s"] / B, "clean_acc": t_acc, "asr_all": t_asr,
+                           "delta_norm": float(np.linalg.norm(tdelta))}
+        result["agreement"] = {
+            "delta_rel_err": float(np.linalg.norm(np.asarray(delta) - tdelta) / np.linalg.norm(tdelta)),
+            "params_rel_err": float(np.linalg.norm(a - b) / np.linalg.norm(b)),
+            # relative to the size of the round's update, the stricter measure
+            "update_rel_err": float(np.linalg.norm(a - b)
+                                    / np.linalg.norm(b - _flax_order_params(variables, len(conv_idx)))),
+        }
+        result["ratio_jax_over_torch"] = jax_s / torch_s
+
+    backend = result["backend"]
+    out_path = Path(args.out) if args.out else REPO / f"benchmarks/results/round_time_{backend}.json"
+    write_atomic(out_path, json.dumps(result, indent=2) + "\n")
+    j = result["jax"]
+    print(f"| impl | round s | per step s | clean acc | ASR (all) |\n|---|---|---|---|---|")
+    print(f"| JAX ({backend}) | {j['round_s']:.1f} | {j['per_step_s']:.3f} | {j['clean_acc']:.4f} | {j['asr_all']:.4f} |")
+    if "torch" in result:
+        t = result["torch"]
+        print(f"| PyTorch ({t['threads']} thr) | {t['round_s']:.1f} | {t['per_step_s']:.3f} | "
+              f"{t['clean_acc']:.4f} | {t['asr_all']:.4f} |")
+        print(f"\nJAX/PyTorch time ratio {result['ratio_jax_over_torch']:.3f}; "
+              f"δ rel. diff {result['agreement']['delta_rel_err']:.2e}; "
+              f"parameter-update rel. diff {result['agreement']['update_rel_err']:.2e}")
+    print(f"JAX compile {j['compile_s']:.1f} s; round FLOPs {j['flops_round'] / 1e12:.2f} T "
+          f"(outer step {j['flops_outer_step'] / 1e9:.1f} G, search step {j['flops_search_step'] / 1e9:.1f} G); "
+          f"achieved {j['achieved_gflops_per_s']:.0f} GFLOP/s")
+    print(f"wrote {out_path}")
+
+
+def _flax_order_params(variables, n_conv: int) -> np.ndarray:
+    """The checkpoint's parameters flattened in the order the agreement check uses."""
+    p = variables["params"]
+    parts = []
+    for i in range(n_conv):
+        parts += [p[f"conv{i}"]["kernel"], p[f"conv{i}"]["bias"], p[f"bn{i}"]["scale"], p[f"bn{i}"]["bias"]]
+    parts += [p["classifier"]["kernel"], p["classifier"]["bias"]]
+    return np.concatenate([np.asarray(x).ravel() for x in parts])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""End-to-end: the CLI on the authors' checkpoint and the real CIFAR-10 test set."""
+import json
+
+import pytest
+
+from ibau_jax import cli
+from conftest import CIFAR_DIR, CKPT, TRIGGERS, shared_path
+
+
+def _args(*extra):
+    return ["--checkpoint", str(shared_path(CKPT)), "--dataset", "cifar10",
+            "--data-dir", str(shared_path(CIFAR_DIR)), "--no-download",
+            "--trigger-dir", str(shared_path(TRIGGERS)), "--attack", "badnets", "--target", "8", *extra]
+
+
+def test_evaluate_reproduces_reference_figures(capsys):
+    """Reference (../shared/README.md): clean accuracy 0.8494, ASR 0.9764 (PyTorch)."""
+    assert cli.main(["evaluate", *_args()]) == 0
+    m = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert abs(m["clean_acc"] - 0.8494) <= 0.0004
+    assert abs(m["asr_all"] - 0.9764) <= 0.0004
+    assert m["asr_nontarget"] < m["asr_all"]  # target-class images excluded
+
+
+def test_unlearn_round_removes_backdoor(tmp_path, capsys):
+    """A real faithful round (50 batches, K=5) on the real checkpoint: ASR falls, accuracy holds."""
+    out = tmp_path / "r.json"
+    save = tmp_path / "unlearned.npz"
+    assert cli.main(["unlearn", *_args("--rounds", "1", "--seed", "0", "--out", str(out),
+                                       "--save", str(save), "--quiet")]) == 0
+    res = json.loads(out.read_text())
+    assert set(res) == {"config", "before", "rounds"}
+    before, after = res["before"], res["rounds"][0]
+    assert before["asr_all"] > 0.95
+    assert after["asr_all"] < 0.35, after
+    assert after["clean_acc"] > 0.78, after
+    assert {"round", "clean_acc", "asr_all", "asr_nontarget", "seconds"} <= set(after)
+    assert "| 1 |" in out.with_suffix(".md").read_text()
+    # the saved model reproduces the round's figures
+    from ibau_jax import checkpoints
+    _, meta = checkpoints.load_checkpoint(save)
+    assert meta["model"] == "small_vgg" and meta["num_classes"] == 10
+    args = _args()
+    args[1] = str(save)
+    capsys.readouterr()
+    assert cli.main(["evaluate", *args]) == 0
+    m = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert m["clean_acc"] == after["clean_acc"] and m["asr_all"] == after["asr_all"]
+
+
+def test_bad_inputs_give_one_line_errors(tmp_path, capsys):
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"garbage")
+    base = _args()
+    base[1] = str(bad)
+    assert cli.main(["evaluate", *base]) == 2
+    assert "corrupt or not a PyTorch checkpoint" in capsys.readouterr().err
+    base[1] = str(tmp_path / "missing.pth")
+    assert cli.main(["evaluate", *base]) == 2
+    assert "not found" in capsys.readouterr().err
+    args = _args()
+    args[args.index("--data-dir") + 1] = str(tmp_path / "nodata")
+    assert cli.main(["evaluate", *args]) == 2
+    assert "nodata" in capsys.readouterr().err
+    args = _args()
+    args[args.index("--target") + 1] = "12"
+    assert cli.main(["evaluate", *args]) == 2
+    assert "outside 0..9" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["evaluate", *_args()[:-4], "--attack", "nope", "--target", "8"])
+    assert "invalid choice: 'nope'" in capsys.readouterr().err

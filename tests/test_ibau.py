@@ -1,0 +1,129 @@
+"""I-BAU pieces on a tiny linear-softmax model, against dense-matrix computations."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from ibau_jax import ibau
+
+SHAPE = (4, 4, 3)  # image shape: δ has 48 entries, small enough for dense Hessians
+D = int(np.prod(SHAPE))
+
+
+def logits_fn(params, x):
+    return jnp.tanh(x.reshape(x.shape[0], -1) @ params["w"]) @ params["v"] + params["b"]
+
+
+@pytest.fixture(scope="module")
+def problem():
+    rng = np.random.default_rng(0)
+    params = {"w": jnp.asarray(rng.normal(size=(D, 8)) * 0.5, jnp.float32),
+              "v": jnp.asarray(rng.normal(size=(8, 5)), jnp.float32),
+              "b": jnp.zeros((5,), jnp.float32)}
+    xb = jnp.asarray(rng.random((3, 10) + SHAPE), jnp.float32)
+    yb = jnp.asarray(rng.integers(0, 5, (3, 10)), jnp.int32)
+    return params, xb, yb
+
+
+def _flat(t):
+    return jnp.concatenate([a.ravel() for a in jax.tree.leaves(t)])
+
+
+def test_project_l2():
+    d = jnp.full((1,) + SHAPE, 3.0)
+    n = float(jnp.linalg.norm(d))
+    np.testing.assert_allclose(float(jnp.linalg.norm(ibau.project_l2(d, 1.0))), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(ibau.project_l2(d, 2 * n), d)
+    assert ibau.project_l2(d, None) is d
+
+
+def test_random_masks_count_and_seed():
+    cfg = ibau.IBAUConfig(batch_size=100, portion=0.05)
+    m = ibau.random_masks(jax.random.PRNGKey(0), 7, cfg)
+    assert m.shape == (7, 100) and np.all(np.asarray(m.sum(1)) == 5)
+    np.testing.assert_array_equal(m, ibau.random_masks(jax.random.PRNGKey(0), 7, cfg))
+    assert ibau.IBAUConfig().n_perturbed == 1  # int(0.01 * 100), as the original
+
+
+def test_search_is_sgd_on_predicted_labels(problem):
+    params, xb, yb = problem
+    cfg = ibau.IBAUConfig(batch_size=10, search_lr=0.7, search_reg=0.05)
+    delta = ibau.search_perturbation(logits_fn, params, xb, yb, cfg)
+    d = jnp.zeros((1,) + SHAPE)
+    for x in xb:  # hand-written: one SGD step per batch on -CE(f(x+d), argmax f(x)) + reg |d|^2
+        lab = jnp.argmax(logits_fn(params, x), -1)
+        f = lambda d: -jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits_fn(params, x + d), lab)) \
+            + 0.05 * jnp.sum(d ** 2)
+        d = d - 0.7 * jax.grad(f)(d)
+    np.testing.assert_allclose(delta, d, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("K", [1, 3, 5])
+def test_hypergradient_equals_dense_k_step_formula(problem, K):
+    params, xb, yb = problem
+    cfg = ibau.IBAUConfig(batch_size=10, K=K, fp_step=0.3)
+    delta = 0.3 * jax.random.normal(jax.random.PRNGKey(1), (1,) + SHAPE)
+    mask = jnp.zeros(10).at[2].set(1.0)
+    x_in, y_in, x_out, y_out = xb[0], yb[0], xb[1], yb[1]
+    _, g = ibau.hypergradient(logits_fn, params, delta, x_in, y_in, x_out, y_out, mask, cfg)
+
+    # Independent: dense Jacobians of Φ, explicit K-step recursion.
+    phi = lambda d, p: ibau.fixed_point_map(logits_fn, d, p, x_in, y_in, cfg.fp_step, cfg.inner_reg)
+    lout = lambda d, p: ibau.outer_loss(logits_fn, d, p, x_out, y_out, mask)
+    J = jax.jacobian(phi, 0)(delta, params).reshape(D, D)
+    Jt = jax.jacobian(phi, 1)(delta, params)
+    Jtheta = jnp.concatenate([a.reshape(D, -1) for a in jax.tree.leaves(Jt)], 1)
+    gd, gt = jax.grad(lout, (0, 1))(delta, params)
+    v = jnp.zeros(D)
+    for _ in range(K):
+        v = J.T @ v + gd.ravel()
+    expect = _flat(gt) + Jtheta.T @ v
+    np.testing.assert_allclose(_flat(g), expect, rtol=2e-4, atol=2e-6)
+    if K > 1:  # the implicit term matters: differs from the plain outer gradient
+        assert float(jnp.linalg.norm(expect - _flat(gt))) > 1e-3 * float(jnp.linalg.norm(expect))
+
+
+def test_dense_solver_gives_exact_implicit_gradient(problem):
+    params, xb, yb = problem
+    cfg = ibau.IBAUConfig(batch_size=10, solver="dense")
+    delta = 0.3 * jax.random.normal(jax.random.PRNGKey(1), (1,) + SHAPE)
+    mask = jnp.ones(10)
+    _, g = ibau.hypergradient(logits_fn, params, delta, xb[0], yb[0], xb[1], yb[1], mask, cfg)
+    lin = lambda d, p: ibau.inner_loss(logits_fn, d, p, xb[0], yb[0], cfg.inner_reg)
+    H = jax.hessian(lin, 0)(delta, params).reshape(D, D)
+    Hx = jax.jacobian(jax.grad(lin, 0), 1)(delta, params)
+    Hdt = jnp.concatenate([a.reshape(D, -1) for a in jax.tree.leaves(Hx)], 1)
+    lout = lambda d, p: ibau.outer_loss(logits_fn, d, p, xb[1], yb[1], mask)
+    gd, gt = jax.grad(lout, (0, 1))(delta, params)
+    expect = _flat(gt) - Hdt.T @ jnp.linalg.solve(H, gd.ravel())
+    np.testing.assert_allclose(_flat(g), expect, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("inner_batch", ["first", "current"])
+def test_round_equals_python_loop(problem, inner_batch):
+    params, xb, yb = problem
+    cfg = ibau.IBAUConfig(batch_size=10, radius=1.0, inner_batch=inner_batch, outer_lr=1e-2)
+    masks = ibau.random_masks(jax.random.PRNGKey(3), 3, cfg)
+    tx = cfg.outer_tx()
+    out = jax.jit(lambda p, s: ibau.unlearn_round(logits_fn, cfg, p, s, xb, yb, masks))(params, tx.init(params))
+    delta = ibau.project_l2(ibau.search_perturbation(logits_fn, params, xb, yb, cfg), 1.0)
+    p, s = params, tx.init(params)
+    for b in range(3):
+        xi, yi = (xb[0], yb[0]) if inner_batch == "first" else (xb[b], yb[b])
+        p, s, _ = ibau.outer_step(logits_fn, cfg, p, s, delta, xi, yi, xb[b], yb[b], masks[b])
+    np.testing.assert_allclose(out.delta, delta, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(out.params), jax.tree.leaves(p)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    assert not np.allclose(out.params["w"], params["w"])
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="unknown solver 'lu'"):
+        ibau.IBAUConfig(solver="lu")
+    with pytest.raises(ValueError, match="K must be >= 1"):
+        ibau.IBAUConfig(K=0)
+    with pytest.raises(ValueError, match="inner_batch"):
+        ibau.IBAUConfig(inner_batch="random")
+    assert ibau.IBAUConfig.defense_py().radius is None
+    assert ibau.IBAUConfig.faithful().radius == 10.0
