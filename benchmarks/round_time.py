@@ -91,7 +91,7 @@ def main() -> None:
     round_flops = B * (step_flops + search_flops)
     result = {
         "device": jax.devices()[0].device_kind, "backend": jax.default_backend(), "cpu_count": os.cpu_count(),
-        "platform": platform.platform(), "jax": jax.__version__, "batches": B, "K": cfg.K, "seed": args.seed,
+        "platform": platform.platform(), "jax_version": jax.__version__, "batches": B, "K": cfg.K, "seed": args.seed,
         "jax": {"compile_s": compile_s, "round_s": jax_s, "per_step_s": jax_s / B, **jax_m,
                 "delta_norm": float(jnp.linalg.norm(delta)),
                 "flops_round": round_flops, "flops_outer_step": step_flops, "flops_search_step": search_flops,
@@ -143,7 +143,7 @@ def main() -> None:
     out_path = Path(args.out) if args.out else REPO / f"benchmarks/results/round_time_{backend}.json"
     write_atomic(out_path, json.dumps(result, indent=2) + "\n")
     j = result["jax"]
-    print(f"| impl | round s | per step s | clean acc | ASR (all) |\n|---|---|---|---|---|")
+    print("| impl | round s | per step s | clean acc | ASR (all) |\n|---|---|---|---|---|")
     print(f"| JAX ({backend}) | {j['round_s']:.1f} | {j['per_step_s']:.3f} | {j['clean_acc']:.4f} | {j['asr_all']:.4f} |")
     if "torch" in result:
         t = result["torch"]

@@ -19,21 +19,14 @@ from ibau_jax.checkpoints import (
     save_checkpoint,
 )
 from ibau_jax.models import get_model, init_variables
+from conftest import shared_path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CKPT_REL = "ibau-original/checkpoints/badnets_8_02_ckpt.pth"
 CONVS = (0, 3, 8, 11, 16, 19)
 
 
-def shared_file(rel: str) -> Path:
-    """Path of a shared data file; fail in CI, skip locally when it is absent."""
-    path = Path(os.environ.get("IBAU_SHARED", REPO_ROOT.parent / "shared")) / rel
-    if not path.exists():
-        msg = f"shared file {path} not found (set IBAU_SHARED)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(msg)
-        pytest.skip(msg)
-    return path
+shared_file = shared_path  # fails under CI=true, skips elsewhere, when absent
 
 
 def torch_small_vgg(num_classes: int = 10, widths=(32, 64, 128)):

@@ -14,19 +14,14 @@ import pytest
 
 from ibau_jax import data
 from ibau_jax.data import DataError, Dataset
+from conftest import shared_path, shared_root
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def shared_dir() -> Path:
-    env = os.environ.get("IBAU_SHARED")
-    d = Path(env) if env else REPO_ROOT.parent / "shared"
-    if not (d / "datasets" / "cifar10" / "test.npz").is_file():
-        msg = f"shared data not found under {d} (set IBAU_SHARED)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(msg)
-        pytest.skip(msg)
-    return d
+    shared_path("datasets/cifar10/test.npz")  # fails under CI=true, skips elsewhere, when absent
+    return shared_root()
 
 
 @pytest.fixture(autouse=True)

@@ -15,7 +15,6 @@ batches, projected onto the L2 ball of radius 10, so it is independent of the JA
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from ibau_jax.models import get_model  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "experiments"))
 import torch_ibau as ti  # noqa: E402
+from conftest import shared_path, shared_root  # noqa: E402
 
 CKPT_REL = "ibau-original/checkpoints/badnets_8_02_ckpt.pth"
 DATA_REL = "datasets/cifar10/test.npz"
@@ -67,14 +67,9 @@ def _torch_to_flax(name: str, g: np.ndarray) -> tuple[tuple[str, str], np.ndarra
 
 @pytest.fixture(scope="module")
 def shared() -> Path:
-    d = Path(os.environ.get("IBAU_SHARED", REPO.parent / "shared"))
-    missing = [str(d / rel) for rel in (CKPT_REL, DATA_REL) if not (d / rel).exists()]
-    if missing:
-        msg = f"shared data missing (set IBAU_SHARED): {missing}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(msg)
-        pytest.skip(msg)
-    return d
+    shared_path(CKPT_REL)
+    shared_path(DATA_REL)
+    return shared_root()
 
 
 @pytest.fixture(scope="module")

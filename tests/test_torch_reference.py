@@ -8,7 +8,6 @@ cross-entropy), on a tiny float64 conv net with 8×8 inputs.
 from __future__ import annotations
 
 import copy
-import os
 import sys
 from pathlib import Path
 
@@ -24,6 +23,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.script.*:Deprecation
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "experiments"))
 import torch_ibau as ti  # noqa: E402
+from conftest import CIFAR_DIR, CKPT, shared_path, shared_root  # noqa: E402
 
 
 # ----------------------------------------------------------------------------
@@ -33,16 +33,9 @@ import torch_ibau as ti  # noqa: E402
 
 @pytest.fixture(scope="module")
 def shared() -> Path:
-    d = Path(os.environ.get("IBAU_SHARED", REPO.parent / "shared"))
-    needed = [d / "datasets" / "cifar10" / "test.npz",
-              d / "ibau-original" / "checkpoints" / "badnets_8_02_ckpt.pth"]
-    missing = [str(p) for p in needed if not p.exists()]
-    if missing:
-        msg = f"shared data missing (set IBAU_SHARED): {missing}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(msg)
-        pytest.skip(msg)
-    return d
+    shared_path(CIFAR_DIR + "/test.npz")
+    shared_path(CKPT)
+    return shared_root()
 
 
 def test_checkpoint_reference_accuracy_and_asr(shared):
