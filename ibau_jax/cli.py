@@ -80,6 +80,53 @@ def load_test_set(dataset: str, data_dir: str | None, download: bool):
     raise CLIError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
 
 
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    """What every command loads: model, weights, the original split and the triggered set."""
+
+    model: Any
+    variables: Any
+    num_classes: int
+    target: int
+    clean_x: np.ndarray      # (n_clean, H, W, C) float32: the defender's clean set
+    clean_y: np.ndarray      # (n_clean,)
+    acc_x: np.ndarray        # clean-accuracy images, float32
+    acc_y: np.ndarray
+    asr_x: np.ndarray        # triggered copies of the clean set
+    asr_t: np.ndarray        # their attack labels (the target)
+
+    def batches(self, batch_size: int, limit: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """The clean set as (B, batch_size, ...) batches, optionally only the first ``limit``."""
+        from . import data
+
+        xb, yb = data.batches(self.clean_x, batch_size), data.batches(self.clean_y, batch_size)
+        return (xb[:limit], yb[:limit]) if limit else (xb, yb)
+
+    def evaluate(self, variables: Any, mesh: Any = None) -> dict[str, float]:
+        """``{'clean_acc', 'asr_all', 'asr_nontarget'}``, sharded over ``mesh`` when given."""
+        from . import metrics, parallel
+
+        sets = (self.acc_x, self.acc_y, self.asr_x, self.asr_t, self.clean_y)
+        if mesh is None:
+            return metrics.evaluate(self.model.apply, variables, *sets)
+        return parallel.evaluate(self.model.apply, variables, *sets, mesh)
+
+
+def load_experiment(args: argparse.Namespace) -> Experiment:
+    """Load data, trigger and checkpoint named by the common flags; split as the original code."""
+    from . import attacks, checkpoints, data, models
+
+    test = load_test_set(args.dataset, args.data_dir, download=not args.no_download)
+    clean, acc_set = data.ibau_split(test, args.n_clean)
+    target = attacks.check_target(args.target, test.num_classes)
+    trigger = attacks.load_trigger(args.attack, args.trigger_dir)
+    variables, _ = checkpoints.load_model(args.checkpoint, args.model, test.num_classes)
+    clean_x = data.to_float(clean.x)
+    asr_x, asr_t = attacks.poisoned_test_set(clean_x, clean.y, trigger, target)
+    return Experiment(models.get_model(args.model, test.num_classes), variables, test.num_classes, target,
+                      clean_x, clean.y, data.to_float(acc_set.x), acc_set.y, asr_x, asr_t)
+
+
 def _fmt(m: dict[str, float]) -> str:
     return f"clean_acc {m['clean_acc']:.4f}  asr_all {m['asr_all']:.4f}  asr_nontarget {m['asr_nontarget']:.4f}"
 
@@ -90,15 +137,10 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
     import jax
     from tqdm import tqdm
 
-    from . import attacks, checkpoints, data, ibau, metrics, models
+    from . import checkpoints, ibau
 
-    test = load_test_set(args.dataset, args.data_dir, download=not args.no_download)
-    clean, acc_set = data.ibau_split(test, args.n_clean)
-    target = attacks.check_target(args.target, test.num_classes)
-    trigger = attacks.load_trigger(args.attack, args.trigger_dir)
-
-    variables, meta = checkpoints.load_model(args.checkpoint, args.model, test.num_classes)
-    model = models.get_model(args.model, test.num_classes)
+    exp = load_experiment(args)
+    model, variables, target = exp.model, exp.variables, exp.target
     overrides: dict[str, Any] = {"K": args.K, "solver": args.solver, "batch_size": args.batch_size}
     if args.no_projection:
         overrides["radius"] = None
@@ -109,18 +151,8 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
     preset = {"faithful": ibau.IBAUConfig.faithful, "defense_py": ibau.IBAUConfig.defense_py}[args.preset]
     config = preset(**overrides)
 
-    clean_x = data.to_float(clean.x)
-    xb = data.batches(clean_x, config.batch_size)
-    yb = data.batches(clean.y, config.batch_size)
-    if args.limit_batches:
-        xb, yb = xb[: args.limit_batches], yb[: args.limit_batches]
-    asr_x, asr_t = attacks.poisoned_test_set(clean_x, clean.y, trigger, target)
-    acc_x = data.to_float(acc_set.x)
-    apply_fn = model.apply
-
-    def evaluate(v) -> dict[str, float]:
-        return metrics.evaluate(apply_fn, v, acc_x, acc_set.y, asr_x, asr_t, clean.y)
-
+    xb, yb = exp.batches(config.batch_size, args.limit_batches)
+    evaluate = exp.evaluate
     result: dict[str, Any] = {
         "config": {"checkpoint": str(args.checkpoint), "model": args.model, "dataset": args.dataset,
                    "attack": args.attack, "target": target, "rounds": args.rounds, "seed": args.seed,
@@ -157,7 +189,7 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
     bar.close()
     if args.save:
         checkpoints.save_checkpoint(args.save, {"params": params, "batch_stats": batch_stats},
-                                    {"model": args.model, "num_classes": test.num_classes,
+                                    {"model": args.model, "num_classes": exp.num_classes,
                                      "attack": args.attack, "target": target, "unlearned_with": "ibau-jax",
                                      "rounds": args.rounds, "source_checkpoint": str(args.checkpoint)})
         print(f"saved the unlearned model to {args.save}")
@@ -166,18 +198,59 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from . import attacks, checkpoints, data, metrics, models
+    exp = load_experiment(args)
+    print(json.dumps(exp.evaluate(exp.variables)))
+    return 0
 
-    test = load_test_set(args.dataset, args.data_dir, download=not args.no_download)
-    clean, acc_set = data.ibau_split(test, args.n_clean)
-    target = attacks.check_target(args.target, test.num_classes)
-    trigger = attacks.load_trigger(args.attack, args.trigger_dir)
-    variables, _ = checkpoints.load_model(args.checkpoint, args.model, test.num_classes)
-    model = models.get_model(args.model, test.num_classes)
-    clean_x = data.to_float(clean.x)
-    asr_x, asr_t = attacks.poisoned_test_set(clean_x, clean.y, trigger, target)
-    m = metrics.evaluate(model.apply, variables, data.to_float(acc_set.x), acc_set.y, asr_x, asr_t, clean.y)
-    print(json.dumps(m))
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Seeds x hyperparameter grid, vmapped in chunks (``parallel.sweep_rounds``); mean ± std table."""
+    from . import parallel
+
+    # Multi-host: join before any other JAX work (flags or IBAU_* env vars; no-op when absent).
+    parallel.init_distributed(args.coordinator, args.num_processes, args.process_id)
+    import jax
+
+    from . import ibau
+
+    exp = load_experiment(args)
+    model, variables, target = exp.model, exp.variables, exp.target
+    preset = {"faithful": ibau.IBAUConfig.faithful, "defense_py": ibau.IBAUConfig.defense_py}[args.preset]
+    config = preset(batch_size=args.batch_size, solver=args.solver)
+    grid: dict[str, list[Any]] = {"K": args.K}
+    for flag, field in (("outer_lr", "outer_lr"), ("fp_step", "fp_step"), ("inner_reg", "inner_reg"),
+                        ("radius", "radius")):
+        if getattr(args, flag):
+            grid[field] = getattr(args, flag)
+    if "radius" in grid and config.radius is None:
+        raise CLIError("--radius needs the projection on: use --preset faithful")
+    seeds = list(range(args.seed, args.seed + args.num_seeds))
+
+    xb, yb = exp.batches(config.batch_size, args.limit_batches)
+    multi = jax.process_count() > 1 or (args.devices or 1) > 1
+    mesh = parallel.make_mesh(args.devices) if multi else None
+
+    evaluate = lambda v: exp.evaluate(v, mesh)
+
+    t0 = time.perf_counter()
+    done = lambda k, n: print(f"[{k}/{n} runs of this K] {time.perf_counter() - t0:.1f} s", flush=True)
+    records = parallel.sweep_rounds(model, config, variables, xb, yb, seeds=seeds, grid=grid, rounds=args.rounds,
+                                    chunk=args.chunk, evaluate_fn=evaluate, mesh=mesh, on_chunk=done)
+    result = {"config": {"checkpoint": str(args.checkpoint), "model": args.model, "dataset": args.dataset,
+                         "attack": args.attack, "target": target, "rounds": args.rounds, "seeds": seeds,
+                         "chunk": args.chunk, "n_clean": args.n_clean, "num_batches": int(xb.shape[0]),
+                         "preset": args.preset, "ibau": dataclasses.asdict(config),
+                         "devices": mesh.size if mesh is not None else 1, "processes": jax.process_count(),
+                         "jax_backend": jax.default_backend(), "seconds": round(time.perf_counter() - t0, 3)},
+              "before": evaluate(variables), "swept": sorted(grid, key=lambda k: (k != "K", k)),
+              "records": records}
+    table = parallel.sweep_markdown(result)
+    print(table, end="")
+    if jax.process_index() == 0:  # multi-host: every process computed the same table; one writes
+        out = Path(args.out)
+        write_atomic(out, json.dumps(result, indent=2) + "\n")
+        write_atomic(out.with_suffix(".md"), table)
+        print(f"wrote {out} and {out.with_suffix('.md')}")
     return 0
 
 
@@ -227,6 +300,26 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="clean accuracy and ASR of a model")
     _common(e)
     e.set_defaults(func=cmd_evaluate)
+
+    from . import parallel
+    w = sub.add_parser("sweep", help="I-BAU over seeds x hyperparameters, vmapped in chunks; mean ± std table")
+    _common(w)
+    w.add_argument("--preset", default="faithful", choices=("faithful", "defense_py"))
+    w.add_argument("--solver", default="neumann", choices=hypergrad.SOLVERS)
+    w.add_argument("--batch-size", type=int, default=100)
+    w.add_argument("--K", type=int, nargs="+", default=[5], help="values of K (one compilation each)")
+    w.add_argument("--outer-lr", type=float, nargs="+", default=None, help="values of the outer learning rate")
+    w.add_argument("--fp-step", type=float, nargs="+", default=None, help="values of the fixed-point step η")
+    w.add_argument("--inner-reg", type=float, nargs="+", default=None, help="values of the inner L2 weight")
+    w.add_argument("--radius", type=float, nargs="+", default=None, help="values of the projection radius")
+    w.add_argument("--seed", type=int, default=0, help="first seed")
+    w.add_argument("--num-seeds", type=int, default=4, help="seeds seed .. seed+num_seeds-1 per setting")
+    w.add_argument("--chunk", type=int, default=4, help="runs (setting x seed) per compiled call; bounds memory")
+    w.add_argument("--rounds", type=int, default=1)
+    w.add_argument("--limit-batches", type=int, default=0, help="use only the first B clean batches (quick runs)")
+    w.add_argument("--out", default="sweep.json")
+    parallel.add_distributed_args(w)
+    w.set_defaults(func=cmd_sweep)
     return parser
 
 

@@ -14,14 +14,21 @@ original code's v_K = Σ_{k<K} (Jᵀ)^k ∇_x L_outer (with the sign folded into
 
 Every function here is pure and works under ``jit``; ``solve`` functions take
 ``(matvec, b)`` with pytree ``b`` and return x with ``matvec(x) ≈ b``.
+
+Diagnostics: ``root_hypergrad(..., return_info=True)`` (and ``fixed_point_hypergrad``) also
+return a :class:`HypergradInfo` of arrays (residual ‖A u − b‖, ‖b‖, iterations, a divergence
+flag), usable under ``jit``/``vmap``; :func:`check_info` turns it into a Python warning on
+the host. :func:`unrolled_hypergrad` differentiates through T inner steps instead (full or
+truncated backprop), for comparison. See docs/bilevel.md.
 """
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.flatten_util import ravel_pytree
 
 with warnings.catch_warnings():
@@ -44,22 +51,34 @@ def neumann(K: int, step: float = 1.0) -> Solve:
     (fixed-point form) and step 1 this is the truncated Neumann series Σ_{k<K} J^k b.
     It converges only when the spectral radius of I - step·A is below 1; with K fixed
     it is a deliberate approximation (the original I-BAU uses K = 5).
+
+    The returned function carries ``.with_info(matvec, b) -> (x, ‖r_{K-1}‖)`` (same x, plus
+    the norm of the residual b - A x_{K-1} seen in the last step, at no extra matvec) and
+    ``.iterations = K``; :func:`solve_with_info` uses them to flag a growing residual.
     """
     if K < 1:
         raise ValueError(f"neumann needs K >= 1, got K={K}")
 
-    def solve(matvec, b):
-        def body(_, x):
+    def run(matvec, b):
+        def body(_, carry):
+            x, _ = carry
             r = jax.tree.map(lambda bi, ai: bi - ai, b, matvec(x))
-            return jax.tree.map(lambda xi, ri: xi + step * ri, x, r)
+            return jax.tree.map(lambda xi, ri: xi + step * ri, x, r), tree_norm(r)
 
-        x = jax.tree.map(lambda bi: step * bi, b)
+        # r_0 = b, so x_1 = step·b and ‖r_0‖ = ‖b‖ without a matvec
+        carry = (jax.tree.map(lambda bi: step * bi, b), tree_norm(b))
         if K <= _UNROLL_MAX:  # small K: unrolled, so XLA schedules (and cost-counts) every step
             for k in range(1, K):
-                x = body(k, x)
-            return x
-        return jax.lax.fori_loop(1, K, body, x)
+                carry = body(k, carry)
+            return carry
+        return jax.lax.fori_loop(1, K, body, carry)
 
+    def solve(matvec, b):
+        # the norm is dead code here and removed by XLA
+        return run(matvec, b)[0]
+
+    solve.with_info = run
+    solve.iterations = K
     return solve
 
 
@@ -98,29 +117,159 @@ def make_solve(name: str, *, K: int = 5, step: float = 1.0, tol: float = 1e-6,
     return lambda matvec, b: fn(matvec, b, ridge=ridge, tol=tol, maxiter=maxiter)
 
 
+class HypergradInfo(NamedTuple):
+    """Diagnostics of the linear solve A u = b inside a hypergradient (all jax arrays).
+
+    Under ``vmap`` every field gets the batch axis.
+
+    residual_norm: ‖A u − b‖₂ of the returned u (one extra matvec to compute), float scalar.
+    rhs_norm: ‖b‖₂ (b = −∂_x L for root_vjp), float scalar; residual_norm / rhs_norm is the
+        relative residual, 1 for u = 0.
+    iterations: int32 scalar; K for ``neumann``, 0 for ``dense`` (direct), −1 where the
+        solver does not report it (jax.scipy's cg / gmres / bicgstab, used by jaxopt).
+    diverged: bool scalar; the residual is non-finite, or larger than ‖b‖ (worse than
+        u = 0), or — for ``neumann`` — grew over the last step, ‖r_K‖ > ‖r_{K−1}‖ (while
+        above √eps·‖b‖). For a
+        symmetric A the Richardson residual norm is log-convex in k, so growth at the last
+        step means a mode with |1 − step·λ| > 1 dominates and the series diverges.
+    """
+
+    residual_norm: jax.Array
+    rhs_norm: jax.Array
+    iterations: jax.Array
+    diverged: jax.Array
+
+
+class HypergradWarning(RuntimeWarning):
+    """Warned by :func:`check_info` when a hypergradient's linear solve diverged or stalled."""
+
+
+def tree_norm(tree: PyTree) -> jax.Array:
+    """Euclidean norm of all leaves of a pytree taken together (0-d array)."""
+    leaves = jax.tree.leaves(tree)
+    if not leaves:
+        return jnp.zeros(())
+    return jnp.sqrt(sum(jnp.sum(jnp.abs(leaf) ** 2) for leaf in leaves))
+
+
+def solve_with_info(solve: Solve, matvec: Callable[[PyTree], PyTree],
+                    b: PyTree) -> tuple[PyTree, HypergradInfo]:
+    """``x = solve(matvec, b)`` plus a :class:`HypergradInfo` of the solve (one extra matvec)."""
+    if hasattr(solve, "with_info"):          # neumann: also the residual of the previous step
+        x, prev = solve.with_info(matvec, b)
+        iterations = solve.iterations
+    else:
+        x, prev = solve(matvec, b), None
+        iterations = getattr(solve, "iterations", 0 if solve is dense_solve else -1)
+    res = tree_norm(jax.tree.map(jnp.subtract, matvec(x), b))
+    rhs = tree_norm(b)
+    diverged = ~jnp.isfinite(res) | (res > rhs)
+    if prev is not None:
+        # growth counts only above √eps·‖b‖: at convergence the residual is rounding noise
+        floor = jnp.sqrt(jnp.finfo(res.dtype).eps) * rhs
+        diverged = diverged | ((res > prev) & (res > floor))
+    return x, HypergradInfo(res, rhs, jnp.asarray(iterations, jnp.int32), diverged)
+
+
+def check_info(info: HypergradInfo, rtol: float | None = None, stacklevel: int = 2) -> bool:
+    """Host-side check: warn (:class:`HypergradWarning`) if any solve diverged, or, with
+    ``rtol``, if any relative residual exceeds it. Returns True when nothing was warned.
+
+    Call it outside ``jit`` on a returned (possibly vmapped) info; it blocks on the values.
+    """
+    res, rhs = np.asarray(info.residual_norm), np.asarray(info.rhs_norm)
+    div = np.asarray(info.diverged)
+    ok = True
+    if div.any():
+        ok = False
+        warnings.warn(f"hypergradient linear solve diverged in {int(div.sum())} of {div.size} "
+                      f"case(s): residual {np.max(res):.3g} vs ‖b‖ {np.max(rhs):.3g} "
+                      "(Neumann/fixed-point iteration on a system with spectral radius ≥ 1? "
+                      "use gmres, normal_cg or dense)", HypergradWarning, stacklevel=stacklevel)
+    if rtol is not None:
+        rel = res / np.maximum(rhs, np.finfo(np.float64).tiny)
+        bad = ~(rel <= rtol)
+        if bad.any() and not div.any():
+            ok = False
+            warnings.warn(f"hypergradient linear solve not converged: relative residual "
+                          f"{np.nanmax(rel):.3g} > rtol {rtol:g}", HypergradWarning,
+                          stacklevel=stacklevel)
+    return ok
+
+
 def root_hypergrad(optimality_fun: Callable[[PyTree, PyTree], PyTree],
                    outer_loss: Callable[[PyTree, PyTree], jax.Array],
-                   sol: PyTree, theta: PyTree, solve: Solve, has_aux: bool = False):
+                   sol: PyTree, theta: PyTree, solve: Solve, has_aux: bool = False,
+                   return_info: bool = False):
     """Hypergradient dL(x*(θ), θ)/dθ for a root ``optimality_fun(x*, θ) = 0``.
 
     One backward pass of ``outer_loss`` gives (∂_x L, ∂_θ L); ``jaxopt.implicit_diff.root_vjp``
-    adds the implicit term. Returns ``(loss, grad)`` (``((loss, aux), grad)`` with has_aux),
-    grad shaped like θ.
+    adds the implicit term (∂_θ F)ᵀ u with (∂_x F)ᵀ u = −∂_x L. Returns ``(loss, grad)``
+    (``((loss, aux), grad)`` with has_aux), grad shaped like θ; with ``return_info`` also a
+    :class:`HypergradInfo` of that linear solve: ``(loss, grad, info)``.
     """
     value, (g_x, g_theta) = jax.value_and_grad(outer_loss, argnums=(0, 1), has_aux=has_aux)(sol, theta)
-    (implicit,) = jaxopt.implicit_diff.root_vjp(optimality_fun, sol, (theta,), g_x, solve=solve)
-    return value, jax.tree.map(jnp.add, g_theta, implicit)
+    if not return_info:
+        (implicit,) = jaxopt.implicit_diff.root_vjp(optimality_fun, sol, (theta,), g_x, solve=solve)
+        return value, jax.tree.map(jnp.add, g_theta, implicit)
+
+    infos = []
+
+    def recording_solve(matvec, b):
+        # root_vjp calls solve exactly once, inside this trace; keep its info
+        x, info = solve_with_info(solve, matvec, b)
+        infos.append(info)
+        return x
+
+    (implicit,) = jaxopt.implicit_diff.root_vjp(optimality_fun, sol, (theta,), g_x,
+                                                solve=recording_solve)
+    return value, jax.tree.map(jnp.add, g_theta, implicit), infos[0]
 
 
 def fixed_point_hypergrad(fixed_point_fun: Callable[[PyTree, PyTree], PyTree],
                           outer_loss: Callable[[PyTree, PyTree], jax.Array],
-                          sol: PyTree, theta: PyTree, solve: Solve, has_aux: bool = False):
+                          sol: PyTree, theta: PyTree, solve: Solve, has_aux: bool = False,
+                          return_info: bool = False):
     """Hypergradient for a fixed point ``x* = fixed_point_fun(x*, θ)``: the root of x - T(x, θ).
 
     With ``solve = neumann(K)`` this is the original I-BAU / Grazzi et al. "fixed_point"
     hypergradient: v_0 = 0, v_{k+1} = Jᵀ v_k + ∂_x L, result ∂_θ L + (∂_θ T)ᵀ v_K.
+    ``return_info`` as in :func:`root_hypergrad`; the system there is (I − J)ᵀ u = −∂_x L.
     """
     def optimality(x, th):
         return jax.tree.map(jnp.subtract, x, fixed_point_fun(x, th))
 
-    return root_hypergrad(optimality, outer_loss, sol, theta, solve, has_aux=has_aux)
+    return root_hypergrad(optimality, outer_loss, sol, theta, solve, has_aux=has_aux,
+                          return_info=return_info)
+
+
+def unrolled_hypergrad(step_fn: Callable[[PyTree, PyTree], PyTree],
+                       outer_loss: Callable[[PyTree, PyTree], jax.Array],
+                       x0: PyTree, theta: PyTree, T: int, truncate: int | None = None,
+                       has_aux: bool = False):
+    """Hypergradient by differentiating through T inner steps x_{t+1} = step_fn(x_t, θ).
+
+    Returns ``(L(x_T, θ), dL(x_T(θ), θ)/dθ)`` (``((L, aux), grad)`` with has_aux); x0 is a
+    constant. ``truncate=None`` backpropagates through all T steps (reverse mode, memory
+    O(T·|x|)); ``truncate=k`` (0 ≤ k ≤ T) only through the last k: x_{T−k} is passed
+    through ``stop_gradient`` (truncated backprop, Shaban et al. 2019), which biases the
+    result unless the early iterates did not depend on θ. Both are ``lax.scan`` loops.
+    """
+    if T < 0:
+        raise ValueError(f"unrolled_hypergrad needs T >= 0, got T={T}")
+    k = T if truncate is None else truncate
+    if not 0 <= k <= T:
+        raise ValueError(f"truncate must be in [0, T={T}], got {truncate}")
+
+    def run(x, th, n):
+        if n == 0:
+            return x
+        x, _ = jax.lax.scan(lambda xt, _: (step_fn(xt, th), None), x, None, length=n)
+        return x
+
+    def objective(th):
+        # the first T−k steps see a constant θ, so reverse mode stores nothing for them
+        x = jax.lax.stop_gradient(run(x0, jax.lax.stop_gradient(th), T - k))
+        return outer_loss(run(x, th, k), th)
+
+    return jax.value_and_grad(objective, has_aux=has_aux)(theta)

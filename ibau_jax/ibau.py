@@ -121,10 +121,13 @@ def project_l2(delta: jax.Array, radius: float | None) -> jax.Array:
 
 
 def search_perturbation(logits_fn: LogitsFn, params: PyTree, xb: jax.Array, yb: jax.Array,
-                        config: IBAUConfig) -> jax.Array:
-    """Step 1: one optimizer pass of δ over the batches xb (B, n, H, W, C). Returns δ (1, H, W, C)."""
+                        config: IBAUConfig, delta0: jax.Array | None = None) -> jax.Array:
+    """Step 1: one optimizer pass of δ over the batches xb (B, n, H, W, C). Returns δ (1, H, W, C).
+
+    δ starts at ``delta0`` (default: zeros, as the original) with a fresh optimizer state.
+    """
     tx = config.search_tx()
-    delta = jnp.zeros((1,) + xb.shape[2:], xb.dtype)
+    delta = jnp.zeros((1,) + xb.shape[2:], xb.dtype) if delta0 is None else delta0
 
     def loss(d, x, labels):
         xp = x + d
