@@ -134,6 +134,10 @@ def _fmt(m: dict[str, float]) -> str:
 # ----------------------------------------------------------------------------- commands
 
 def cmd_unlearn(args: argparse.Namespace) -> int:
+    from . import parallel
+
+    # Multi-host: join before any other JAX work (flags or IBAU_* env vars; no-op when absent).
+    parallel.init_distributed(args.coordinator, args.num_processes, args.process_id)
     import jax
     from tqdm import tqdm
 
@@ -152,20 +156,27 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
     config = preset(**overrides)
 
     xb, yb = exp.batches(config.batch_size, args.limit_batches)
-    evaluate = exp.evaluate
+    multi = jax.process_count() > 1 or (args.devices or 1) > 1
+    mesh = parallel.make_mesh(args.devices) if multi else None
+    writer = jax.process_index() == 0  # multi-host: every process computes the same; one writes
+    evaluate = lambda v: exp.evaluate(v, mesh)
     result: dict[str, Any] = {
         "config": {"checkpoint": str(args.checkpoint), "model": args.model, "dataset": args.dataset,
                    "attack": args.attack, "target": target, "rounds": args.rounds, "seed": args.seed,
                    "n_clean": args.n_clean, "num_batches": int(xb.shape[0]), "preset": args.preset,
-                   "ibau": dataclasses.asdict(config), "jax_backend": jax.default_backend()},
+                   "ibau": dataclasses.asdict(config), "jax_backend": jax.default_backend(),
+                   "devices": mesh.size if mesh is not None else 1, "processes": jax.process_count()},
         "before": evaluate(variables), "rounds": []}
     print(f"before    {_fmt(result['before'])}", flush=True)
     out = Path(args.out)
-    save_result(out, result)
+    if writer:
+        save_result(out, result)
 
     bar = tqdm(total=args.rounds * xb.shape[0], unit="step", desc="unlearning", dynamic_ncols=True,
-               disable=args.quiet)
-    round_fn = ibau.make_round(model, config, on_step=lambda loss: bar.update(1))
+               disable=args.quiet or not writer)
+    on_step = lambda loss: bar.update(1)
+    round_fn = (parallel.make_sharded_round(model, config, mesh, on_step) if mesh is not None
+                else ibau.make_round(model, config, on_step=on_step))
     params, batch_stats = variables["params"], variables["batch_stats"]
     opt_state = config.outer_tx().init(params)
     key = jax.random.PRNGKey(args.seed)
@@ -177,16 +188,22 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
         outp = jax.block_until_ready(round_fn(params, batch_stats, opt_state, xb, yb, masks))
         seconds = time.perf_counter() - t0
         params, opt_state = outp.params, outp.opt_state
+        if mesh is not None:  # replicated global arrays -> this process's copy
+            params, opt_state = parallel.to_host((params, opt_state))
         if not all(bool(np.isfinite(np.asarray(a)).all()) for a in jax.tree.leaves(params)):
             raise CLIError(f"round {r} produced non-finite parameters (the solver diverged); "
                            f"lower --outer-lr, or use --solver normal_cg / gmres / dense")
         m = evaluate({"params": params, "batch_stats": batch_stats})
-        m.update(round=r, seconds=round(seconds, 3), delta_norm=float(np.linalg.norm(np.asarray(outp.delta))),
+        delta = parallel.to_host(outp.delta) if mesh is not None else outp.delta
+        m.update(round=r, seconds=round(seconds, 3), delta_norm=float(np.linalg.norm(np.asarray(delta))),
                  includes_compile=r == 1)
         result["rounds"].append(m)
-        bar.write(f"round {r:<3} {_fmt(m)}  ({seconds:.1f} s{', incl. compile' if r == 1 else ''})")
-        save_result(out, result)
+        if writer:
+            bar.write(f"round {r:<3} {_fmt(m)}  ({seconds:.1f} s{', incl. compile' if r == 1 else ''})")
+            save_result(out, result)
     bar.close()
+    if not writer:
+        return 0
     if args.save:
         checkpoints.save_checkpoint(args.save, {"params": params, "batch_stats": batch_stats},
                                     {"model": args.model, "num_classes": exp.num_classes,
@@ -274,7 +291,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import hypergrad
+    from . import hypergrad, parallel
 
     parser = argparse.ArgumentParser(prog="ibau-jax", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -295,13 +312,13 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--out", default="result.json")
     u.add_argument("--save", default=None, help="write the unlearned model here (.npz)")
     u.add_argument("--quiet", action="store_true", help="no progress bar")
+    parallel.add_distributed_args(u)
     u.set_defaults(func=cmd_unlearn)
 
     e = sub.add_parser("evaluate", help="clean accuracy and ASR of a model")
     _common(e)
     e.set_defaults(func=cmd_evaluate)
 
-    from . import parallel
     w = sub.add_parser("sweep", help="I-BAU over seeds x hyperparameters, vmapped in chunks; mean ± std table")
     _common(w)
     w.add_argument("--preset", default="faithful", choices=("faithful", "defense_py"))

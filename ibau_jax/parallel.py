@@ -136,13 +136,15 @@ def to_host(tree: PyTree) -> PyTree:
 
 # ----------------------------------------------------------------------------- sharded round
 
-def make_sharded_round(model, config: ibau.IBAUConfig, mesh: Mesh) -> Callable[..., ibau.RoundOutput]:
+def make_sharded_round(model, config: ibau.IBAUConfig, mesh: Mesh,
+                       on_step: Callable[[jax.Array], None] | None = None) -> Callable[..., ibau.RoundOutput]:
     """``round(params, batch_stats, opt_state, xb, yb, masks) -> RoundOutput``, as ``ibau.make_round``,
     run as one SPMD program over ``mesh``.
 
     Inputs may be host arrays (every process passes the same global values) or already placed
     with ``replicate`` / ``shard_batches``. Outputs are replicated (``to_host`` reads them).
     xb (B, n, H, W, C) with n divisible by the mesh size, yb (B, n), masks (B, n).
+    ``on_step(loss)`` is called after each outer step, as in ``ibau.unlearn_round``.
     """
     logits = ibau.make_logits_fn(model)
     check_divisible(config.batch_size, mesh)
@@ -152,7 +154,7 @@ def make_sharded_round(model, config: ibau.IBAUConfig, mesh: Mesh) -> Callable[.
     @partial(jax.jit, in_shardings=(repl, repl, repl, data, data, data), out_shardings=repl)
     def round_fn(params, batch_stats, opt_state, xb, yb, masks):
         fn = lambda p, x: logits(batch_stats, p, x)
-        return ibau.unlearn_round(fn, config, params, opt_state, xb, yb, masks)
+        return ibau.unlearn_round(fn, config, params, opt_state, xb, yb, masks, on_step)
 
     def run(params, batch_stats, opt_state, xb, yb, masks) -> ibau.RoundOutput:
         params, batch_stats, opt_state = replicate(mesh, (params, batch_stats, opt_state))

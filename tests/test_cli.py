@@ -71,3 +71,28 @@ def test_bad_inputs_give_one_line_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["evaluate", *_args()[:-4], "--attack", "nope", "--target", "8"])
     assert "invalid choice: 'nope'" in capsys.readouterr().err
+
+
+def test_unlearn_on_several_devices_matches_one(tmp_path):
+    """`unlearn --devices 4` (4 forced CPU devices, in a subprocess) gives the one-device model."""
+    import os
+    import subprocess
+    import sys
+
+    import jax
+    import numpy as np
+
+    from ibau_jax import checkpoints
+
+    common = _args("--rounds", "1", "--limit-batches", "1", "--seed", "3", "--quiet")
+    one, four = tmp_path / "one.npz", tmp_path / "four.npz"
+    assert cli.main(["unlearn", *common, "--out", str(tmp_path / "one.json"), "--save", str(one)]) == 0
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    subprocess.run([sys.executable, "-m", "ibau_jax.cli", "unlearn", *common, "--devices", "4",
+                    "--out", str(tmp_path / "four.json"), "--save", str(four)], env=env, check=True)
+    assert json.loads((tmp_path / "four.json").read_text())["config"]["devices"] == 4
+    a, _ = checkpoints.load_checkpoint(one)
+    b, _ = checkpoints.load_checkpoint(four)
+    flat_a = np.concatenate([np.ravel(x) for x in jax.tree.leaves(a["params"])])
+    flat_b = np.concatenate([np.ravel(x) for x in jax.tree.leaves(b["params"])])
+    assert np.linalg.norm(flat_a - flat_b) <= 1e-4 * np.linalg.norm(flat_a)
