@@ -6,7 +6,8 @@ SHARED=${1:-${IBAU_SHARED:-../shared}}
 OUT=runs/repro
 mkdir -p "$OUT"
 for s in $(seq "${2:-0}" "${3:-9}"); do
-  [ -f "$OUT/seed$s.json" ] && continue
+  # skip seeds whose round finished (a file with an empty "rounds" was interrupted)
+  python -c "import json,sys; sys.exit(0 if json.load(open(sys.argv[1]))[\"rounds\"] else 1)" "$OUT/seed$s.json" 2>/dev/null && continue
   ibau-jax unlearn --checkpoint "$SHARED/ibau-original/checkpoints/badnets_8_02_ckpt.pth" \
     --dataset cifar10 --data-dir "$SHARED/datasets/cifar10" --no-download \
     --trigger-dir "$SHARED/ibau-original/triggers" --attack badnets --target 8 \
