@@ -252,10 +252,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     done = lambda k, n: print(f"[{k}/{n} runs of this K] {time.perf_counter() - t0:.1f} s", flush=True)
     records = parallel.sweep_rounds(model, config, variables, xb, yb, seeds=seeds, grid=grid, rounds=args.rounds,
-                                    chunk=args.chunk, evaluate_fn=evaluate, mesh=mesh, on_chunk=done)
+                                    chunk=args.chunk, evaluate_fn=evaluate, mesh=mesh, on_chunk=done,
+                                    strategy=args.strategy)
     result = {"config": {"checkpoint": str(args.checkpoint), "model": args.model, "dataset": args.dataset,
                          "attack": args.attack, "target": target, "rounds": args.rounds, "seeds": seeds,
-                         "chunk": args.chunk, "n_clean": args.n_clean, "num_batches": int(xb.shape[0]),
+                         "chunk": args.chunk, "strategy": args.strategy, "n_clean": args.n_clean, "num_batches": int(xb.shape[0]),
                          "preset": args.preset, "ibau": dataclasses.asdict(config),
                          "devices": mesh.size if mesh is not None else 1, "processes": jax.process_count(),
                          "jax_backend": jax.default_backend(), "seconds": round(time.perf_counter() - t0, 3)},
@@ -332,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--seed", type=int, default=0, help="first seed")
     w.add_argument("--num-seeds", type=int, default=4, help="seeds seed .. seed+num_seeds-1 per setting")
     w.add_argument("--chunk", type=int, default=4, help="runs (setting x seed) per compiled call; bounds memory")
+    w.add_argument("--strategy", default="auto", choices=("auto", "vmap", "map"),
+                   help="runs of a chunk batched (vmap) or in sequence inside one program (map); auto: map on CPU")
     w.add_argument("--rounds", type=int, default=1)
     w.add_argument("--limit-batches", type=int, default=0, help="use only the first B clean batches (quick runs)")
     w.add_argument("--out", default="sweep.json")

@@ -17,24 +17,29 @@ import numpy as np
 ApplyFn = Callable[[Any, jax.Array], jax.Array]
 
 
+def pad_to_batches(x: Any, batch_size: int) -> tuple[np.ndarray, int]:
+    """x (N, ...) -> (ceil(N / batch_size), batch_size, ...) zero-padded at the tail, and N."""
+    x = np.asarray(x, np.float32)
+    n = x.shape[0]
+    nb = -(-n // batch_size)
+    pad = ((0, nb * batch_size - n),) + ((0, 0),) * (x.ndim - 1)
+    return np.pad(x, pad).reshape(nb, batch_size, *x.shape[1:]), n
+
+
+@partial(jax.jit, static_argnums=0)
+def predict_batches(apply_fn: ApplyFn, variables: Any, xb: jax.Array) -> jax.Array:
+    """Argmax predictions (B, n) for batches xb (B, n, H, W, C), one compiled loop over B."""
+    return jax.lax.map(lambda xi: jnp.argmax(apply_fn(variables, xi), -1), xb)
+
+
 def predict(apply_fn: ApplyFn, variables: Any, x: np.ndarray | jax.Array, batch_size: int = 500) -> np.ndarray:
     """Argmax predictions (N,) of ``apply_fn(variables, .)`` over x (N, H, W, C).
 
     Batches run inside one compiled loop; the tail is padded to a whole batch and dropped,
     so any N works.
     """
-    x = jnp.asarray(x, jnp.float32)
-    n = x.shape[0]
-    nb = -(-n // batch_size)
-    pad = nb * batch_size - n
-    xb = jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1)).reshape(nb, batch_size, *x.shape[1:])
-    preds = _predict_batches(apply_fn, variables, xb)
-    return np.asarray(preds).reshape(-1)[:n]
-
-
-@partial(jax.jit, static_argnums=0)
-def _predict_batches(apply_fn: ApplyFn, variables: Any, xb: jax.Array) -> jax.Array:
-    return jax.lax.map(lambda xi: jnp.argmax(apply_fn(variables, xi), -1), xb)
+    xb, n = pad_to_batches(x, batch_size)
+    return np.asarray(predict_batches(apply_fn, variables, xb)).reshape(-1)[:n]
 
 
 def accuracy(preds: np.ndarray, labels: np.ndarray) -> float:

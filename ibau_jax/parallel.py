@@ -166,23 +166,15 @@ def make_sharded_round(model, config: ibau.IBAUConfig, mesh: Mesh,
 
 # ----------------------------------------------------------------------------- sharded evaluation
 
-@partial(jax.jit, static_argnums=0)
-def _predict_batches(apply_fn: metrics.ApplyFn, variables: PyTree, xb: jax.Array) -> jax.Array:
-    return jax.lax.map(lambda xi: jnp.argmax(apply_fn(variables, xi), -1), xb)
-
-
 def predict(apply_fn: metrics.ApplyFn, variables: PyTree, x: Any, mesh: Mesh, batch_size: int = 500) -> np.ndarray:
     """``metrics.predict`` with each eval batch split over ``mesh``: argmax predictions (N,) of x (N, H, W, C).
 
     The tail is padded to a whole batch and dropped; batch_size must be divisible by the mesh size.
     """
     check_divisible(batch_size, mesh)
-    x = np.asarray(x, np.float32)
-    n = x.shape[0]
-    nb = -(-n // batch_size)
-    xb = np.pad(x, ((0, nb * batch_size - n),) + ((0, 0),) * (x.ndim - 1)).reshape(nb, batch_size, *x.shape[1:])
+    xb, n = metrics.pad_to_batches(x, batch_size)
     xb = _put(xb, NamedSharding(mesh, P(None, AXIS)))
-    preds = _predict_batches(apply_fn, replicate(mesh, variables), xb)
+    preds = metrics.predict_batches(apply_fn, replicate(mesh, variables), xb)
     # Gather to every process (a replicated copy), then read the local one.
     preds = jax.jit(lambda p: p, out_shardings=NamedSharding(mesh, P()))(preds)
     return to_host(preds).reshape(-1)[:n]
@@ -207,13 +199,24 @@ def seed_masks(seed: int, rounds: int, num_batches: int, config: ibau.IBAUConfig
     return np.stack(out)
 
 
-def make_hparam_round(model, config: ibau.IBAUConfig, names: Sequence[str], mesh: Mesh | None = None):
-    """Jitted, vmapped ``round(params, batch_stats, opt_state, xb, yb, masks, hp) -> RoundOutput``.
+def make_hparam_round(model, config: ibau.IBAUConfig, names: Sequence[str], mesh: Mesh | None = None,
+                      strategy: str = "auto"):
+    """Jitted ``round(params, batch_stats, opt_state, xb, yb, masks, hp) -> RoundOutput`` over R runs.
 
-    R runs at once: params / opt_state with a leading run axis R, masks (R, B, n),
-    hp {name: (R,)} for ``names`` ⊆ SWEEPABLE; batch_stats, xb, yb shared. With ``mesh``
-    the example axis of xb / yb / masks is also split over the devices.
+    R runs in one compiled program: params / opt_state with a leading run axis R, masks
+    (R, B, n), hp {name: (R,)} for ``names`` ⊆ SWEEPABLE; batch_stats, xb, yb shared. With
+    ``mesh`` the example axis of xb / yb / masks is also split over the devices.
+
+    ``strategy``: ``"vmap"`` batches the runs (``jax.vmap``), ``"map"`` runs them one after
+    another inside the program (``lax.map``), ``"auto"`` = vmap on accelerators, map on CPU.
+    Why: vmapping over per-run weights turns every convolution into a grouped one, which
+    XLA's CPU backend runs slowly (4 seeds vmapped took 2.2x the time of 4 separate runs,
+    docs/scaling.md); on a GPU the batched convolutions are what fills the device.
     """
+    if strategy == "auto":
+        strategy = "map" if jax.default_backend() == "cpu" else "vmap"
+    if strategy not in ("vmap", "map"):
+        raise ValueError(f"strategy must be 'auto', 'vmap' or 'map', got {strategy!r}")
     bad = [n for n in names if n not in SWEEPABLE]
     if bad:
         raise ValueError(f"cannot sweep {bad} in one compilation; sweepable: {SWEEPABLE} (loop over K etc.)")
@@ -224,7 +227,12 @@ def make_hparam_round(model, config: ibau.IBAUConfig, names: Sequence[str], mesh
         cfg = dataclasses.replace(config, **hp)
         return ibau.unlearn_round(lambda p, x: logits(batch_stats, p, x), cfg, params, opt_state, xb, yb, masks)
 
-    batched = jax.vmap(one, in_axes=(0, None, 0, None, None, 0, 0))
+    if strategy == "vmap":
+        batched = jax.vmap(one, in_axes=(0, None, 0, None, None, 0, 0))
+    else:
+        def batched(params, batch_stats, opt_state, xb, yb, masks, hp):
+            run = lambda a: one(a[0], batch_stats, a[1], xb, yb, a[2], a[3])
+            return jax.lax.map(run, (params, opt_state, masks, hp))
     if mesh is None:
         return jax.jit(batched)
     check_divisible(config.batch_size, mesh)
@@ -248,7 +256,7 @@ def sweep_rounds(model, config: ibau.IBAUConfig, variables: PyTree, xb: Any, yb:
                  seeds: Sequence[int], grid: Mapping[str, Sequence[Any]] | None = None, rounds: int = 1,
                  chunk: int = 8, evaluate_fn: Callable[[PyTree], dict[str, float]] | None = None,
                  mesh: Mesh | None = None, keep_params: bool = False,
-                 on_chunk: Callable[[int, int], None] | None = None) -> list[dict[str, Any]]:
+                 on_chunk: Callable[[int, int], None] | None = None, strategy: str = "auto") -> list[dict[str, Any]]:
     """I-BAU from ``variables`` for every (setting, seed): ``rounds`` rounds each.
 
     grid: ``{field: values}``; fields in SWEEPABLE are vmapped (traced), any other
@@ -282,7 +290,7 @@ def sweep_rounds(model, config: ibau.IBAUConfig, variables: PyTree, xb: Any, yb:
         cfg = dataclasses.replace(config, **st)
         settings = grid_settings({n: grid[n] for n in traced})
         runs = [(i, s) for i in range(len(settings)) for s in seeds]  # (setting index, seed)
-        fn = make_hparam_round(model, cfg, traced, mesh)
+        fn = make_hparam_round(model, cfg, traced, mesh, strategy)
         tx = cfg.outer_tx()  # the optimizer state's structure does not depend on the (traced) lr
         final: dict[tuple[int, int], PyTree] = {}
         for c0 in range(0, len(runs), chunk):

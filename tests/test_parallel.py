@@ -122,10 +122,12 @@ def _flat(tree):
     return parallel_helper.flat(tree)
 
 
-def test_sweep_over_seeds_matches_separate_rounds(small):
+@pytest.mark.parametrize("strategy", ["vmap", "map"])
+def test_sweep_over_seeds_matches_separate_rounds(small, strategy):
     model, variables, config, xb, yb, _ = small
     seeds = [0, 1, 2, 3]
-    recs = parallel.sweep_rounds(model, config, variables, xb, yb, seeds=seeds, chunk=4, keep_params=True)
+    recs = parallel.sweep_rounds(model, config, variables, xb, yb, seeds=seeds, chunk=4, keep_params=True,
+                                 strategy=strategy)
     assert len(recs) == 1 and len(recs[0]["params"]) == 4
     round_fn = ibau.make_round(model, config)
     params, bs = variables["params"], variables["batch_stats"]
@@ -140,12 +142,13 @@ def test_sweep_over_seeds_matches_separate_rounds(small):
     assert _rel(outs[0], outs[1]) > 1e-6  # the seeds really differ
 
 
-def test_sweep_over_hyperparameters_matches_configs(small):
+@pytest.mark.parametrize("strategy", ["vmap", "map"])
+def test_sweep_over_hyperparameters_matches_configs(small, strategy):
     model, variables, config, xb, yb, _ = small
     grid = {"outer_lr": [1e-2, 3e-3], "fp_step": [0.1, 0.05], "inner_reg": [1e-2], "radius": [1.0]}
     evals = []
     recs = parallel.sweep_rounds(model, config, variables, xb, yb, seeds=[5], grid=grid, chunk=3,
-                                 keep_params=True, evaluate_fn=lambda v: evals.append(1) or
+                                 keep_params=True, strategy=strategy, evaluate_fn=lambda v: evals.append(1) or
                                  {"clean_acc": 0.5, "asr_all": 0.1, "asr_nontarget": 0.0})
     assert len(recs) == 4 and len(evals) == 4  # chunks of 3: one full, one padded
     params, bs = variables["params"], variables["batch_stats"]
