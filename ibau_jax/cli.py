@@ -1,4 +1,4 @@
-"""Command line: ``ibau-jax unlearn`` and ``ibau-jax evaluate``.
+"""Command line: ``ibau-jax unlearn``, ``evaluate``, ``sweep``, ``attack`` (train a poisoned model) and ``demo``.
 
     ibau-jax unlearn --checkpoint badnets_8_02_ckpt.pth --dataset cifar10 --data-dir DIR \\
         --trigger-dir DIR --attack badnets --target 8 --rounds 1 --out result.json
@@ -112,17 +112,51 @@ class Experiment:
         return parallel.evaluate(self.model.apply, variables, *sets, mesh)
 
 
+def resolve_run_dir(args: argparse.Namespace) -> int:
+    """``--model RUN_DIR`` (from ``ibau-jax attack``): fill checkpoint/model/attack/target from it.
+
+    Explicit ``--attack``/``--target`` still win. Returns the attack's seed (the run's, else 0).
+    """
+    from . import models, train
+
+    seed = 0
+    if args.model not in models.MODELS:
+        if not Path(args.model).exists():
+            raise CLIError(f"--model {args.model!r} is neither an architecture ({', '.join(sorted(models.MODELS))}) "
+                           "nor a run directory written by `ibau-jax attack`")
+        run_dir = Path(args.model)
+        run = train.read_run(run_dir)
+        cfg = run["config"]
+        if args.checkpoint is None:
+            args.checkpoint = str(run_dir / train.MODEL_NPZ)
+        args.model = cfg.get("model", "small_vgg")
+        args.attack = args.attack if args.attack is not None else cfg.get("attack", "badnets")
+        args.target = args.target if args.target is not None else cfg.get("target", 0)
+        seed = int(cfg.get("seed", 0))
+    if args.checkpoint is None:
+        raise CLIError("pass --checkpoint FILE, or --model RUN_DIR (a folder written by `ibau-jax attack`)")
+    args.attack = args.attack if args.attack is not None else "badnets"
+    args.target = args.target if args.target is not None else 8
+    return seed
+
+
 def load_experiment(args: argparse.Namespace) -> Experiment:
     """Load data, trigger and checkpoint named by the common flags; split as the original code."""
     from . import attacks, checkpoints, data, models
 
+    attack_seed = resolve_run_dir(args)
     test = load_test_set(args.dataset, args.data_dir, download=not args.no_download)
     clean, acc_set = data.ibau_split(test, args.n_clean)
     target = attacks.check_target(args.target, test.num_classes)
-    trigger = attacks.load_trigger(args.attack, args.trigger_dir)
     variables, _ = checkpoints.load_model(args.checkpoint, args.model, test.num_classes)
     clean_x = data.to_float(clean.x)
-    asr_x, asr_t = attacks.poisoned_test_set(clean_x, clean.y, trigger, target)
+    if args.attack in attacks.ATTACKS:  # the original triggers, exactly as the original code
+        trigger = attacks.load_trigger(args.attack, args.trigger_dir)
+        asr_x, asr_t = attacks.poisoned_test_set(clean_x, clean.y, trigger, target)
+    else:  # the extended attack suite (same seed as at training time: blend/wanet triggers are seeded)
+        attack = attacks.make_attack(args.attack, num_classes=test.num_classes, target=target,
+                                     trigger_dir=args.trigger_dir, seed=attack_seed)
+        asr_x, asr_t, _ = attacks.asr_test_set(clean_x, clean.y, attack)
     return Experiment(models.get_model(args.model, test.num_classes), variables, test.num_classes, target,
                       clean_x, clean.y, data.to_float(acc_set.x), acc_set.y, asr_x, asr_t)
 
@@ -272,27 +306,79 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_attack(args: argparse.Namespace) -> int:
+    """Train a poisoned model (``train.train``) and write RUN_DIR (model.npz, train_state.npz, run.json)."""
+    from . import attacks, data, models, train
+
+    if args.dataset == "cifar10":
+        train_set = data.load_cifar10(args.data_dir, split="train", download=not args.no_download)
+    else:
+        loader = getattr(data, "load_gtsrb_train", None)
+        if loader is None or args.data_dir is None:
+            raise CLIError("training on GTSRB needs its training split: pass --data-dir, and note that this "
+                           "version reads only the GTSRB test set (no data.load_gtsrb_train yet)")
+        train_set = loader(args.data_dir)
+    test = load_test_set(args.dataset, args.data_dir, download=not args.no_download)
+    x, y = train_set.x, train_set.y
+    if args.train_limit:
+        x, y = x[: args.train_limit], y[: args.train_limit]
+    attack = attacks.make_attack(args.attack, num_classes=test.num_classes, target=args.target,
+                                 trigger_dir=args.trigger_dir, seed=args.seed)
+    poisoned = attacks.poison_dataset(data.to_float(x), y, attack, args.poison_ratio, args.seed)
+    test_x = data.to_float(test.x)
+    asr_x, asr_t, _ = attacks.asr_test_set(test_x, test.y, attack)
+    eval_sets = train.EvalSets(test_x, test.y, asr_x, asr_t, test.y)
+    lr = args.lr if args.lr is not None else (0.05 if args.optimizer == "sgd" else 1e-3)
+    config = train.TrainConfig(epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=lr,
+                               weight_decay=args.weight_decay, flip=args.dataset != "gtsrb", seed=args.seed,
+                               eval_every=args.eval_every)
+    run_config = {"dataset": args.dataset, "attack": args.attack, "target": attack.target,
+                  "poison_ratio": args.poison_ratio, "model": args.model, "train_limit": args.train_limit,
+                  "n_train": int(len(y))}
+    meta = {"model": args.model, "num_classes": test.num_classes, "dataset": args.dataset,
+            "attack": args.attack, "target": attack.target, "poison_ratio": args.poison_ratio}
+    model = models.get_model(args.model, test.num_classes)
+    _, history = train.train(model, poisoned.x, poisoned.y, config, eval_sets=eval_sets, run_dir=args.out,
+                             run_config=run_config, meta=meta, resume=args.resume, quiet=args.quiet)
+    last = history[-1]
+    if "clean_acc" in last:
+        print(f"final     {_fmt(last)}")
+    print(f"wrote {args.out}/run.json and {args.out}/model.npz")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Self-contained demo: poison -> train -> I-BAU -> report (see ``ibau_jax.demo``)."""
+    from . import demo
+
+    demo.run_demo(args)
+    return 0
+
+
 # ----------------------------------------------------------------------------- parser
 
 def _common(p: argparse.ArgumentParser) -> None:
     from . import attacks, models
 
-    p.add_argument("--checkpoint", required=True, help="PyTorch checkpoint (.pth) or ibau-jax checkpoint (.npz)")
-    p.add_argument("--model", default="small_vgg", choices=sorted(models.MODELS))
+    p.add_argument("--checkpoint", default=None,
+                   help="PyTorch checkpoint (.pth) or ibau-jax checkpoint (.npz); optional with --model RUN_DIR")
+    p.add_argument("--model", default="small_vgg",
+                   help=f"architecture ({', '.join(sorted(models.MODELS))}) or a RUN_DIR written by "
+                        "`ibau-jax attack` (its weights, model, attack and target become the defaults)")
     p.add_argument("--dataset", default="cifar10", choices=DATASETS)
     p.add_argument("--data-dir", default=None,
                    help="CIFAR-10: npz folder, cifar-10-python.tar.gz or its folder (default: download "
                         "to the cache); GTSRB: folder with test_roi32.npz")
     p.add_argument("--no-download", action="store_true", help="never download data")
     p.add_argument("--trigger-dir", default=None, help="folder with the trigger PNGs (and mask.npy)")
-    p.add_argument("--attack", default="badnets", choices=attacks.ATTACKS)
-    p.add_argument("--target", type=int, default=8, help="the backdoor's target class")
+    p.add_argument("--attack", default=None, choices=attacks.ATTACK_NAMES, help="default: badnets or RUN_DIR's")
+    p.add_argument("--target", type=int, default=None, help="the backdoor's target class (default 8 or RUN_DIR's)")
     p.add_argument("--n-clean", type=int, default=5000,
                    help="test images 0..n-1 are the defender's clean set, the rest measure accuracy")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import hypergrad, parallel
+    from . import attacks, hypergrad, models, parallel
 
     parser = argparse.ArgumentParser(prog="ibau-jax", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -340,6 +426,52 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--out", default="sweep.json")
     parallel.add_distributed_args(w)
     w.set_defaults(func=cmd_sweep)
+
+    a = sub.add_parser("attack", help="train a poisoned model; writes RUN_DIR (model.npz, run.json)")
+    a.add_argument("--dataset", default="cifar10", choices=DATASETS)
+    a.add_argument("--data-dir", default=None, help="as for unlearn; the training split is read")
+    a.add_argument("--no-download", action="store_true", help="never download data")
+    a.add_argument("--attack", default="badnets", choices=attacks.ATTACK_NAMES)
+    a.add_argument("--trigger-dir", default=None, help="folder with the trigger PNGs (file triggers)")
+    a.add_argument("--target", type=int, default=0)
+    a.add_argument("--poison-ratio", type=float, default=0.1)
+    a.add_argument("--model", default="small_vgg", choices=sorted(models.MODELS))
+    a.add_argument("--epochs", type=int, default=30)
+    a.add_argument("--train-limit", type=int, default=0, help="train on the first N images only (0 = all)")
+    a.add_argument("--batch-size", type=int, default=128)
+    a.add_argument("--optimizer", default="sgd", choices=("sgd", "adam"))
+    a.add_argument("--lr", type=float, default=None, help="peak learning rate (default: sgd 0.05, adam 1e-3)")
+    a.add_argument("--weight-decay", type=float, default=5e-4)
+    a.add_argument("--eval-every", type=int, default=1, help="epochs between evaluations")
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--out", required=True, help="run directory")
+    a.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
+    a.add_argument("--quiet", action="store_true", help="no progress bar")
+    a.set_defaults(func=cmd_attack)
+
+    dm = sub.add_parser("demo", help="self-contained demo: poison, train, unlearn, report (no download)")
+    dm.add_argument("--dataset", default="digits", choices=("digits", "cifar10"),
+                    help="digits = scikit-learn's bundled 8x8 digits upsampled to 32x32 (default)")
+    dm.add_argument("--data-dir", default=None, help="CIFAR-10 only")
+    dm.add_argument("--no-download", action="store_true")
+    dm.add_argument("--n-train", type=int, default=5000, help="CIFAR-10 only (digits: what clean/test leave)")
+    dm.add_argument("--n-clean", type=int, default=300, help="defender's clean images for I-BAU")
+    dm.add_argument("--n-test", type=int, default=300, help="images for clean accuracy and ASR")
+    dm.add_argument("--target", type=int, default=0)
+    dm.add_argument("--poison-ratio", type=float, default=0.1)
+    dm.add_argument("--widths", type=int, nargs=3, default=[16, 32, 64], help="small_vgg conv widths")
+    dm.add_argument("--epochs", type=int, default=12)
+    dm.add_argument("--train-batch-size", type=int, default=64)
+    dm.add_argument("--lr", type=float, default=0.02)
+    dm.add_argument("--rounds", type=int, default=10)
+    dm.add_argument("--ibau-batch-size", type=int, default=50)
+    dm.add_argument("--portion", type=float, default=0.4, help="fraction of each I-BAU batch that gets δ")
+    dm.add_argument("--outer-lr", type=float, default=2e-3)
+    dm.add_argument("--K", type=int, default=5)
+    dm.add_argument("--seed", type=int, default=0)
+    dm.add_argument("--out", default="runs/demo")
+    dm.add_argument("--quiet", action="store_true")
+    dm.set_defaults(func=cmd_demo)
     return parser
 
 

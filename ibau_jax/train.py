@@ -253,7 +253,7 @@ class EvalSets:
 def train(model: nn.Module, x: np.ndarray, y: np.ndarray, config: TrainConfig, *,
           eval_sets: EvalSets | None = None, run_dir: str | os.PathLike | None = None,
           run_config: dict[str, Any] | None = None, meta: dict[str, Any] | None = None,
-          resume: bool = False, quiet: bool = False,
+          resume: bool = False, quiet: bool = False, stop_after: int | None = None,
           log: Callable[[str], None] = print) -> tuple[TrainState, list[dict[str, Any]]]:
     """Train ``model`` on x (N, H, W, C) float32 in [0, 1], y (N,) for ``config.epochs`` epochs.
 
@@ -261,7 +261,8 @@ def train(model: nn.Module, x: np.ndarray, y: np.ndarray, config: TrainConfig, *
     ``meta`` must hold model and num_classes), ``train_state.npz`` and ``run.json``
     (``{'config': run_config, 'epochs_done', 'history', 'meta'}``), each atomically.
     ``resume=True`` continues from the last finished epoch; a ``run_config`` different from the
-    saved one raises RunError naming the differing keys. Returns (state, history).
+    saved one raises RunError naming the differing keys. ``stop_after=e`` returns after epoch e
+    (training in slices; tests use it to simulate an interruption). Returns (state, history).
     """
     from tqdm import tqdm
 
@@ -315,7 +316,7 @@ def train(model: nn.Module, x: np.ndarray, y: np.ndarray, config: TrainConfig, *
         history.append(rec)
         bar.set_postfix_str(f"epoch {epoch}/{config.epochs} loss {rec['loss']:.3f}"
                             + (f" acc {rec['clean_acc']:.3f} asr {rec['asr_all']:.3f}" if "clean_acc" in rec else ""))
-        if quiet is False:
+        if not quiet:
             bar.write(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()))
         if run_dir is not None:
             variables = {"params": state.params, "batch_stats": state.batch_stats}
@@ -326,5 +327,7 @@ def train(model: nn.Module, x: np.ndarray, y: np.ndarray, config: TrainConfig, *
             run = {"config": run_config, "epochs_done": epoch, "history": history, "meta": meta or {},
                    "checkpoint": MODEL_NPZ}
             _write_atomic_bytes(run_dir / RUN_JSON, lambda f: f.write((json.dumps(run, indent=2) + "\n").encode()))
+        if stop_after is not None and epoch >= stop_after:
+            break
     bar.close()
     return state, history
