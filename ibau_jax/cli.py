@@ -68,11 +68,11 @@ def save_result(out: Path, result: dict[str, Any]) -> None:
 
 # ----------------------------------------------------------------------------- loading
 
-def load_test_set(dataset: str, data_dir: str | None, download: bool):
+def load_test_set(dataset: str, data_dir: str | None, download: bool, source: str = "auto"):
     from . import data
 
     if dataset == "cifar10":
-        return data.load_cifar10(data_dir, split="test", download=download)
+        return data.load_cifar10(data_dir, split="test", source=source, download=download)
     if dataset == "gtsrb":
         if data_dir is None:
             raise CLIError("--dataset gtsrb needs --data-dir (a folder holding test_roi32.npz)")
@@ -145,7 +145,8 @@ def load_experiment(args: argparse.Namespace) -> Experiment:
     from . import attacks, checkpoints, data, models
 
     attack_seed = resolve_run_dir(args)
-    test = load_test_set(args.dataset, args.data_dir, download=not args.no_download)
+    test = load_test_set(args.dataset, args.data_dir, download=not args.no_download,
+                         source=getattr(args, "data_source", "auto"))
     clean, acc_set = data.ibau_split(test, args.n_clean)
     target = attacks.check_target(args.target, test.num_classes)
     variables, _ = checkpoints.load_model(args.checkpoint, args.model, test.num_classes)
@@ -311,14 +312,16 @@ def cmd_attack(args: argparse.Namespace) -> int:
     from . import attacks, data, models, train
 
     if args.dataset == "cifar10":
-        train_set = data.load_cifar10(args.data_dir, split="train", download=not args.no_download)
+        train_set = data.load_cifar10(args.data_dir, split="train", source=getattr(args, "data_source", "auto"),
+                                      download=not args.no_download)
     else:
         loader = getattr(data, "load_gtsrb_train", None)
         if loader is None or args.data_dir is None:
             raise CLIError("training on GTSRB needs its training split: pass --data-dir, and note that this "
                            "version reads only the GTSRB test set (no data.load_gtsrb_train yet)")
         train_set = loader(args.data_dir)
-    test = load_test_set(args.dataset, args.data_dir, download=not args.no_download)
+    test = load_test_set(args.dataset, args.data_dir, download=not args.no_download,
+                         source=getattr(args, "data_source", "auto"))
     x, y = train_set.x, train_set.y
     if args.train_limit:
         x, y = x[: args.train_limit], y[: args.train_limit]
@@ -357,6 +360,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- parser
 
+def _data_source_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-source", default="auto", choices=("auto", "npz", "tar", "tfds"),
+                   help="CIFAR-10 only: npz files, the official tar (or its extracted folder), "
+                        "tensorflow-datasets (pip install 'ibau-jax[tfds]'; --data-dir is the tfds "
+                        "data folder), or auto (npz, then tar, then download)")
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     from . import attacks, models
 
@@ -370,6 +380,7 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="CIFAR-10: npz folder, cifar-10-python.tar.gz or its folder (default: download "
                         "to the cache); GTSRB: folder with test_roi32.npz")
     p.add_argument("--no-download", action="store_true", help="never download data")
+    _data_source_flag(p)
     p.add_argument("--trigger-dir", default=None, help="folder with the trigger PNGs (and mask.npy)")
     p.add_argument("--attack", default=None, choices=attacks.ATTACK_NAMES, help="default: badnets or RUN_DIR's")
     p.add_argument("--target", type=int, default=None, help="the backdoor's target class (default 8 or RUN_DIR's)")
@@ -431,6 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--dataset", default="cifar10", choices=DATASETS)
     a.add_argument("--data-dir", default=None, help="as for unlearn; the training split is read")
     a.add_argument("--no-download", action="store_true", help="never download data")
+    _data_source_flag(a)
     a.add_argument("--attack", default="badnets", choices=attacks.ATTACK_NAMES)
     a.add_argument("--trigger-dir", default=None, help="folder with the trigger PNGs (file triggers)")
     a.add_argument("--target", type=int, default=0)

@@ -27,11 +27,11 @@ class Conv3x3(nn.Module):
 
     features: int
     impl: str = "canonical"
+    use_bias: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, x.shape[-1], self.features))
-        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
         if self.impl == "canonical":
             y = conv3x3(x, kernel)
         elif self.impl == "xla":
@@ -39,7 +39,9 @@ class Conv3x3(nn.Module):
                                              dimension_numbers=("NHWC", "HWIO", "NHWC"))
         else:
             raise ValueError(f"unknown conv impl {self.impl!r}; use 'canonical' or 'xla'")
-        return y + bias
+        if not self.use_bias:
+            return y
+        return y + self.param("bias", nn.initializers.zeros_init(), (self.features,))
 
 
 class SmallVGG(nn.Module):
@@ -74,7 +76,130 @@ class SmallVGG(nn.Module):
         return nn.Dense(self.num_classes, name="classifier")(x)
 
 
-MODELS: dict[str, Callable[..., nn.Module]] = {"small_vgg": SmallVGG}
+# ----------------------------------------------------------------------------- CIFAR ResNets
+#
+# Layouts follow Kuang Liu's pytorch-cifar (also used by BackdoorBench): every conv is bias-free,
+# padding as in PyTorch (3x3: 1 on each side, also when strided; 1x1: none). Stride-1 3x3 convs
+# are ``Conv3x3`` (canonical custom-VJP path: fast reverse mode inside ``lax.scan`` on XLA CPU);
+# the three strided 3x3 convs and the 1x1 shortcut convs are ``nn.Conv`` and take XLA's generic
+# gradient path (slower inside scans on CPU, and the only convs not covered by ``conv.py``).
+
+
+def _bn(train: bool, name: str) -> nn.BatchNorm:
+    return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPS, name=name)
+
+
+def _conv3x3(features: int, stride: int, impl: str, name: str) -> nn.Module:
+    """A bias-free 3x3 conv, PyTorch padding 1: ``Conv3x3`` at stride 1, ``nn.Conv`` otherwise."""
+    if stride == 1:
+        return Conv3x3(features, impl, use_bias=False, name=name)
+    return nn.Conv(features, (3, 3), strides=(stride, stride), padding=((1, 1), (1, 1)), use_bias=False,
+                   name=name)
+
+
+def _conv1x1(features: int, stride: int, name: str) -> nn.Conv:
+    return nn.Conv(features, (1, 1), strides=(stride, stride), padding="VALID", use_bias=False, name=name)
+
+
+class PreActBlock(nn.Module):
+    """Pre-activation basic block (He et al. 2016, "Identity Mappings"):
+
+    o = relu(bn1(x)); shortcut = conv1x1_s(o) if the shape changes else x;
+    out = conv3x3(relu(bn2(conv3x3_s(o)))) + shortcut.
+    """
+
+    features: int
+    stride: int = 1
+    conv_impl: str = "canonical"
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        out = nn.relu(_bn(train, "bn1")(x))
+        if self.stride != 1 or x.shape[-1] != self.features:
+            shortcut = _conv1x1(self.features, self.stride, "shortcut")(out)
+        else:
+            shortcut = x
+        out = _conv3x3(self.features, self.stride, self.conv_impl, "conv1")(out)
+        out = _conv3x3(self.features, 1, self.conv_impl, "conv2")(nn.relu(_bn(train, "bn2")(out)))
+        return out + shortcut
+
+
+class BasicBlock(nn.Module):
+    """Post-activation basic block (He et al. 2015):
+
+    out = relu(bn2(conv3x3(relu(bn1(conv3x3_s(x))))) + shortcut(x)),
+    shortcut = bn(conv1x1_s(x)) if the shape changes else x.
+    """
+
+    features: int
+    stride: int = 1
+    conv_impl: str = "canonical"
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        out = nn.relu(_bn(train, "bn1")(_conv3x3(self.features, self.stride, self.conv_impl, "conv1")(x)))
+        out = _bn(train, "bn2")(_conv3x3(self.features, 1, self.conv_impl, "conv2")(out))
+        if self.stride != 1 or x.shape[-1] != self.features:
+            shortcut = _bn(train, "shortcut_bn")(_conv1x1(self.features, self.stride, "shortcut")(x))
+        else:
+            shortcut = x
+        return nn.relu(out + shortcut)
+
+
+class _CifarResNet(nn.Module):
+    num_classes: int = 10
+    stage_sizes: Sequence[int] = (2, 2, 2, 2)
+    widths: Sequence[int] = (64, 128, 256, 512)
+    conv_impl: str = "canonical"
+
+    preact = False  # class attribute, not a dataclass field
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        x = Conv3x3(64, self.conv_impl, use_bias=False, name="conv1")(x)
+        if not self.preact:
+            x = nn.relu(_bn(train, "bn1")(x))
+        block = PreActBlock if self.preact else BasicBlock
+        for s, (n, width) in enumerate(zip(self.stage_sizes, self.widths)):
+            for b in range(n):
+                stride = 2 if (s > 0 and b == 0) else 1
+                x = block(width, stride, self.conv_impl, name=f"layer{s + 1}_{b}")(x, train)
+        x = jnp.mean(x, axis=(1, 2))          # global average pool (4x4 for 32x32 inputs)
+        return nn.Dense(self.num_classes, name="linear")(x)
+
+
+class PreActResNet18(_CifarResNet):
+    """PreAct-ResNet-18 as in Kuang Liu's pytorch-cifar / BackdoorBench.
+
+    Stem: conv3x3(64) only (no BN/ReLU: each PreActBlock starts with BN-ReLU); 4 stages of
+    2 PreActBlocks with widths (64, 128, 256, 512) and strides (1, 2, 2, 2); shortcuts are a bare
+    1x1 conv (no BN) when the shape changes. No final BN-ReLU (as in that code): global average
+    pool of the last block's sum, then linear. 11,171,146 parameters for 10 classes.
+
+    Shapes: x (N, 32, 32, 3) -> logits (N, num_classes).
+    """
+
+    preact = True
+
+
+class ResNet18(_CifarResNet):
+    """The standard CIFAR ResNet-18 (Kuang Liu's pytorch-cifar).
+
+    Stem: conv3x3(64), BN, ReLU; 4 stages of 2 BasicBlocks, widths (64, 128, 256, 512), strides
+    (1, 2, 2, 2); shortcuts 1x1 conv + BN when the shape changes; global average pool, linear.
+    11,173,962 parameters for 10 classes.
+
+    Shapes: x (N, 32, 32, 3) -> logits (N, num_classes).
+    """
+
+    preact = False
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "small_vgg": SmallVGG,
+    "preact_resnet18": PreActResNet18,
+    "resnet18": ResNet18,
+}
 
 
 def get_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:

@@ -28,3 +28,87 @@ def test_conv_impls_agree():
 def test_unknown_model():
     with pytest.raises(ValueError, match="unknown model 'resnet999'"):
         models.get_model("resnet999", 10)
+
+
+# ----------------------------------------------------------------------------- CIFAR ResNets
+
+RESNETS = ["preact_resnet18", "resnet18"]
+
+
+def _x(n=2, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).random((n, 32, 32, 3), np.float32))
+
+
+def _resnet18_param_count(preact: bool, classes: int) -> int:
+    """Trainable parameters of the CIFAR (PreAct-)ResNet-18, counted from the architecture."""
+    conv = lambda k, ci, co: k * k * ci * co          # bias-free
+    bn = lambda c: 2 * c                              # scale, bias
+    total = conv(3, 3, 64) + (0 if preact else bn(64))  # stem (PreAct: no stem BN)
+    c_in = 64
+    for stage, width in enumerate([64, 128, 256, 512]):
+        for b in range(2):
+            stride = 2 if stage > 0 and b == 0 else 1
+            total += conv(3, c_in, width) + conv(3, width, width)
+            total += bn(c_in) + bn(width) if preact else bn(width) + bn(width)
+            if stride != 1 or c_in != width:
+                total += conv(1, c_in, width) + (0 if preact else bn(width))
+            c_in = width
+    return total + 512 * classes + classes            # linear
+
+
+@pytest.mark.parametrize("name", RESNETS)
+def test_resnet_shapes(name):
+    for classes in (10, 43):
+        m = models.get_model(name, classes)
+        v = models.init_variables(m)
+        assert m.apply(v, _x()).shape == (2, classes)
+
+
+@pytest.mark.parametrize("name,preact", [("preact_resnet18", True), ("resnet18", False)])
+@pytest.mark.parametrize("classes", [10, 43])
+def test_resnet_param_count(name, preact, classes):
+    m = models.get_model(name, classes)
+    shapes = jax.eval_shape(lambda: models.init_variables(m))
+    n = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(shapes["params"]))
+    assert n == _resnet18_param_count(preact, classes)
+    if classes == 10:  # the published pytorch-cifar figures
+        assert n == (11_171_146 if preact else 11_173_962)
+
+
+@pytest.mark.parametrize("name", RESNETS)
+def test_resnet_train_mode_and_grad(name):
+    m = models.get_model(name, 10)
+    v = models.init_variables(m)
+    x, y = _x(), jnp.array([1, 7])
+    out, upd = m.apply(v, x, train=True, mutable=["batch_stats"])
+    assert out.shape == (2, 10)
+    old, new = v["batch_stats"], upd["batch_stats"]
+    assert jax.tree.structure(old) == jax.tree.structure(new)
+    assert not np.allclose(new["layer1_0"]["bn1"]["mean"], old["layer1_0"]["bn1"]["mean"])
+    # eval mode (as the I-BAU round calls it) uses the running stats and is deterministic
+    np.testing.assert_array_equal(m.apply(v, x, train=False), m.apply(v, x))
+
+    def loss(params):
+        logits, _ = m.apply({"params": params, "batch_stats": v["batch_stats"]}, x, train=True,
+                            mutable=["batch_stats"])
+        return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(2), y])
+
+    g = jax.grad(loss)(v["params"])
+    leaves = jax.tree.leaves(g)
+    assert all(bool(jnp.all(jnp.isfinite(a))) for a in leaves)
+    assert any(float(jnp.abs(a).max()) > 0 for a in leaves)
+    assert float(jnp.abs(g["conv1"]["kernel"]).max()) > 0
+
+
+def test_resnet_conv_impls_agree():
+    x = _x()
+    a, b = models.ResNet18(conv_impl="canonical"), models.ResNet18(conv_impl="xla")
+    v = models.init_variables(a)
+    np.testing.assert_allclose(a.apply(v, x), b.apply(v, x), rtol=1e-4, atol=1e-4)
+
+
+def test_unknown_model_lists_choices():
+    with pytest.raises(ValueError) as e:
+        models.get_model("resnet999", 10)
+    for name in ("small_vgg", "preact_resnet18", "resnet18"):
+        assert name in str(e.value)
