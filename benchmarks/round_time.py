@@ -1,6 +1,6 @@
 """Time one faithful I-BAU round in JAX against the PyTorch reference, on the same data.
 
-    python benchmarks/round_time.py [--shared ../shared] [--limit-batches B] [--skip-torch]
+    python benchmarks/round_time.py [--shared ../shared] [--limit-batches B] [--skip-torch] [--host-devices N]
 
 Both implementations start from the authors' BadNets checkpoint, use the clean set
 (test images 0..4999 in batches of 100), the same perturbed index per outer batch, K=5 and
@@ -10,7 +10,11 @@ unlearned models differ. JAX compile time is measured apart (``lower().compile()
 FLOPs: XLA's cost analysis counts a loop body once, so the round's FLOPs are computed from
 the standalone compiled pieces: B x (one search step) + B x (one outer step). Achieved
 FLOP/s = those FLOPs / the round's run seconds. Writes benchmarks/results/round_time_<backend>.json
-and prints a markdown table.
+(``_hostN`` appended with ``--host-devices N``) and prints a markdown table.
+
+``--host-devices N`` splits the CPU into N XLA host devices and runs the round data-parallel
+over them (``parallel.make_sharded_round``): one XLA CPU device does not keep both cores of
+this machine busy through a round, N data-parallel devices do (benchmarks/devices.py).
 """
 from __future__ import annotations
 
@@ -22,14 +26,25 @@ import sys
 import time
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "experiments"))
 
-from ibau_jax import attacks, checkpoints, data, ibau, metrics, models  # noqa: E402
+
+def _host_devices_flag(argv: list[str]) -> None:
+    # XLA reads its flags once, at start-up: set them before jax is imported.
+    if "--host-devices" in argv:
+        n = argv[argv.index("--host-devices") + 1]
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   f" --xla_force_host_platform_device_count={n}").strip()
+
+
+_host_devices_flag(sys.argv)
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from ibau_jax import attacks, checkpoints, data, ibau, metrics, models, parallel  # noqa: E402
 from ibau_jax.cli import write_atomic  # noqa: E402
 
 
@@ -46,6 +61,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-torch", action="store_true")
     ap.add_argument("--torch-threads", type=int, default=0, help="0 = torch's default")
+    ap.add_argument("--host-devices", type=int, default=1, help="XLA CPU devices, data-parallel (see above)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     shared = Path(args.shared)
@@ -71,13 +87,20 @@ def main() -> None:
     params, bs = jax.tree.map(jnp.asarray, variables["params"]), jax.tree.map(jnp.asarray, variables["batch_stats"])
     opt_state = cfg.outer_tx().init(params)
     xb_j, yb_j = jnp.asarray(xb), jnp.asarray(yb)
-    round_fn = ibau.make_round(model, cfg)
+    inputs = (params, bs, opt_state, xb_j, yb_j, masks)
+    if args.host_devices > 1:
+        mesh = parallel.make_mesh(args.host_devices)
+        round_fn = parallel.make_sharded_round(model, cfg, mesh).jitted
+        inputs = (*parallel.replicate(mesh, inputs[:3]), *parallel.shard_batches(mesh, *inputs[3:]))
+    else:
+        round_fn = ibau.make_round(model, cfg)
     t0 = time.perf_counter()
-    compiled = round_fn.lower(params, bs, opt_state, xb_j, yb_j, masks).compile()
+    compiled = round_fn.lower(*inputs).compile()
     compile_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    out = jax.block_until_ready(compiled(params, bs, opt_state, xb_j, yb_j, masks))
+    out = jax.block_until_ready(compiled(*inputs))
     jax_s = time.perf_counter() - t0
+    out = parallel.to_host(out)  # host copies: evaluation and the FLOP count run unsharded
     jax_vars = {"params": out.params, "batch_stats": bs}
     jax_m = metrics.evaluate(model.apply, jax_vars, acc_x, acc_set.y, asr_x, asr_t, clean.y)
 
@@ -92,6 +115,7 @@ def main() -> None:
     result = {
         "device": jax.devices()[0].device_kind, "backend": jax.default_backend(), "cpu_count": os.cpu_count(),
         "platform": platform.platform(), "jax_version": jax.__version__, "batches": B, "K": cfg.K, "seed": args.seed,
+        "host_devices": args.host_devices,
         "jax": {"compile_s": compile_s, "round_s": jax_s, "per_step_s": jax_s / B, **jax_m,
                 "delta_norm": float(jnp.linalg.norm(delta)),
                 "flops_round": round_flops, "flops_outer_step": step_flops, "flops_search_step": search_flops,
@@ -140,7 +164,8 @@ def main() -> None:
         result["ratio_jax_over_torch"] = jax_s / torch_s
 
     backend = result["backend"]
-    out_path = Path(args.out) if args.out else REPO / f"benchmarks/results/round_time_{backend}.json"
+    suffix = f"_host{args.host_devices}" if args.host_devices > 1 else ""
+    out_path = Path(args.out) if args.out else REPO / f"benchmarks/results/round_time_{backend}{suffix}.json"
     write_atomic(out_path, json.dumps(result, indent=2) + "\n")
     j = result["jax"]
     print("| impl | round s | per step s | clean acc | ASR (all) |\n|---|---|---|---|---|")

@@ -75,7 +75,8 @@ def load_test_set(dataset: str, data_dir: str | None, download: bool, source: st
         return data.load_cifar10(data_dir, split="test", source=source, download=download)
     if dataset == "gtsrb":
         if data_dir is None:
-            raise CLIError("--dataset gtsrb needs --data-dir (a folder holding test_roi32.npz)")
+            raise CLIError("--dataset gtsrb needs --data-dir (a folder holding test_roi32.npz or the "
+                           "official archive's Final_Test/)")
         return data.load_gtsrb(data_dir)
     raise CLIError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
 
@@ -315,11 +316,10 @@ def cmd_attack(args: argparse.Namespace) -> int:
         train_set = data.load_cifar10(args.data_dir, split="train", source=getattr(args, "data_source", "auto"),
                                       download=not args.no_download)
     else:
-        loader = getattr(data, "load_gtsrb_train", None)
-        if loader is None or args.data_dir is None:
-            raise CLIError("training on GTSRB needs its training split: pass --data-dir, and note that this "
-                           "version reads only the GTSRB test set (no data.load_gtsrb_train yet)")
-        train_set = loader(args.data_dir)
+        if args.data_dir is None:
+            raise CLIError("training on GTSRB needs --data-dir: a folder with the official archive "
+                           "(Final_Training/Images/000NN/*.ppm) or train_roi32.npz")
+        train_set = data.load_gtsrb(args.data_dir, split="train")
     test = load_test_set(args.dataset, args.data_dir, download=not args.no_download,
                          source=getattr(args, "data_source", "auto"))
     x, y = train_set.x, train_set.y
@@ -378,7 +378,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="cifar10", choices=DATASETS)
     p.add_argument("--data-dir", default=None,
                    help="CIFAR-10: npz folder, cifar-10-python.tar.gz or its folder (default: download "
-                        "to the cache); GTSRB: folder with test_roi32.npz")
+                        "to the cache); GTSRB: folder with test_roi32.npz or the official archive")
     p.add_argument("--no-download", action="store_true", help="never download data")
     _data_source_flag(p)
     p.add_argument("--trigger-dir", default=None, help="folder with the trigger PNGs (and mask.npy)")

@@ -50,7 +50,6 @@ __all__ = [
     "load_cifar10",
     "load_npz_dataset",
     "load_gtsrb",
-    "load_gtsrb_train",
     "ibau_split",
     "batches",
     "default_shared_dir",
@@ -842,8 +841,3 @@ def load_gtsrb(data_dir: str | os.PathLike, split: Split = "test") -> Dataset:
         raise DataError(_gtsrb_missing_message(d, split))
     x, y = _read_gtsrb_images(rows, f"reading GTSRB {split}")
     return _make_dataset(x, y, GTSRB_NUM_CLASSES, name, str(d))
-
-
-def load_gtsrb_train(data_dir: str | os.PathLike) -> Dataset:
-    """``load_gtsrb(data_dir, split='train')`` (the hook ``ibau-jax attack --dataset gtsrb`` uses)."""
-    return load_gtsrb(data_dir, split="train")

@@ -493,9 +493,6 @@ def test_gtsrb_archive_train(gtsrb_archive):
     assert g.x.shape == (5, 32, 32, 3) and g.x.dtype == np.uint8 and g.y.dtype == np.int32
     assert g.y.tolist() == gtsrb_archive["train_y"] == [0, 0, 2, 42, 42]
     assert np.array_equal(g.x, gtsrb_archive["train_x"])
-    with pytest.warns(UserWarning):
-        t = data.load_gtsrb_train(gtsrb_archive["root"])
-    assert np.array_equal(t.x, g.x)
 
 
 def test_gtsrb_archive_test_order_and_crop(gtsrb_archive):
