@@ -451,19 +451,26 @@ def save_checkpoint(path: str | os.PathLike, variables: Variables, meta: dict[st
         raise CheckpointError(f"variable name '{_META_KEY}' is reserved")
     arrays[_META_KEY] = np.frombuffer(meta_bytes, np.uint8)
 
+    atomic_write(path, lambda f: np.savez(f, **arrays))  # a file object: numpy does not append '.npz'
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Any], None]) -> None:
+    """Write a file so that readers see the old one or the complete new one, never a part.
+
+    ``write(f)`` fills a binary temp file in the same folder; it is fsynced and renamed over
+    ``path`` (``os.replace``), then the folder is fsynced; on any error the temp file goes.
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)  # a file object: numpy does not append '.npz'
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
 

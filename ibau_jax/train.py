@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 import time
 from functools import partial
 from pathlib import Path
@@ -160,26 +159,14 @@ def train_epoch(state: TrainState, xs: jax.Array, ys: jax.Array, rng: jax.Array,
 
 # ----------------------------------------------------------------------------- run directory
 
-def _write_atomic_bytes(path: Path, write: Callable[[Any], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_state(path: Path, state: TrainState, epoch: int) -> None:
     """Params, batch stats and optimizer state as flat numbered leaves in one ``.npz`` (no pickles)."""
     leaves = jax.tree.leaves((state.params, state.batch_stats, state.opt_state))
     arrays = {f"leaf_{i:05d}": np.asarray(a) for i, a in enumerate(leaves)}
     arrays["epoch"] = np.asarray(epoch, np.int64)
-    _write_atomic_bytes(path, lambda f: np.savez(f, **arrays))
+    from . import checkpoints
+
+    checkpoints.atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def restore_state(path: Path, template: TrainState) -> tuple[TrainState, int]:
@@ -326,7 +313,8 @@ def train(model: nn.Module, x: np.ndarray, y: np.ndarray, config: TrainConfig, *
             # run.json last: it is the commit record of the epoch.
             run = {"config": run_config, "epochs_done": epoch, "history": history, "meta": meta or {},
                    "checkpoint": MODEL_NPZ}
-            _write_atomic_bytes(run_dir / RUN_JSON, lambda f: f.write((json.dumps(run, indent=2) + "\n").encode()))
+            checkpoints.atomic_write(run_dir / RUN_JSON,
+                                     lambda f: f.write((json.dumps(run, indent=2) + "\n").encode()))
         if stop_after is not None and epoch >= stop_after:
             break
     bar.close()
