@@ -164,6 +164,28 @@ def make_sharded_round(model, config: ibau.IBAUConfig, mesh: Mesh,
     return run
 
 
+def make_sharded_train_step(mesh: Mesh, crop_pad: int = 4, flip: bool = True) -> Callable[..., Any]:
+    """``step(state, (x, y), rng) -> (state, metrics)``: ``train.train_step`` as one SPMD program.
+
+    The state (params, BatchNorm statistics, optimizer state) is replicated and the batch
+    x (n, H, W, C), y (n,) split over ``mesh``; the loss mean and the BatchNorm batch
+    statistics are over the global batch (XLA inserts the all-reduces), so N devices
+    reproduce the one-device step. n must be divisible by the mesh size.
+    """
+    from . import train
+
+    repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P(AXIS))
+    step = jax.jit(partial(train.train_step, crop_pad=crop_pad, flip=flip),
+                   in_shardings=(repl, (data, data), repl), out_shardings=(repl, repl))
+
+    def run(state, batch, rng):
+        x, y = batch
+        check_divisible(int(np.shape(x)[0]), mesh)
+        return step(replicate(mesh, state), (_put(x, data), _put(y, data)), replicate(mesh, rng))
+
+    return run
+
+
 # ----------------------------------------------------------------------------- sharded evaluation
 
 def predict(apply_fn: metrics.ApplyFn, variables: PyTree, x: Any, mesh: Mesh, batch_size: int = 500) -> np.ndarray:

@@ -73,6 +73,20 @@ def main(argv=None) -> int:
             res[f"mesh{n}"] = flat(parallel.to_host(out.params))
             print(f"mesh{n} {time.perf_counter() - t:.1f}s devices={out.losses.sharding.mesh.size}", flush=True)
         res["init"] = flat(params)
+        # A training step (train mode: BatchNorm batch statistics, dropout, augmentation) on
+        # 1..N devices against the plain jitted step; batch of 16 images.
+        from ibau_jax import train
+        tcfg = train.TrainConfig(epochs=1, batch_size=16, lr=0.05)
+        state = train.create_state(model, tcfg, steps_per_epoch=1, image_shape=(16, 16, 3))
+        tx_ = np.random.default_rng(2).random((16, 16, 16, 3), dtype=np.float32)
+        ty_ = np.random.default_rng(3).integers(0, 10, 16).astype(np.int32)
+        key = jax.random.PRNGKey(7)
+        ref_state, _ = jax.jit(train.train_step)(state, (tx_, ty_), key)
+        res["train_ref"] = flat((ref_state.params, ref_state.batch_stats))
+        res["train_init"] = flat((state.params, state.batch_stats))
+        for n in args.sizes:
+            st, _ = parallel.make_sharded_train_step(parallel.make_mesh(n))(state, (tx_, ty_), key)
+            res[f"train{n}"] = flat(parallel.to_host((st.params, st.batch_stats)))
         # Sharded evaluation: 20 images in batches of 8 (padded tail) over the last mesh.
         from ibau_jax import metrics
         x = np.random.default_rng(1).random((20, 16, 16, 3), dtype=np.float32)

@@ -53,6 +53,13 @@ def test_sharded_round_matches_single_device(mesh_results, n):
     assert _rel(mesh_results[f"mesh{n}"] - init, ref - init) <= 1e-4
 
 
+@pytest.mark.parametrize("n", [1, 2, 4, 8])
+def test_sharded_train_step_matches_single_device(mesh_results, n):
+    ref, init = mesh_results["train_ref"], mesh_results["train_init"]
+    assert _rel(ref, init) > 1e-4  # the step moved params and BatchNorm statistics
+    assert _rel(mesh_results[f"train{n}"] - init, ref - init) <= 1e-4
+
+
 def test_sharded_predict_matches(mesh_results):
     np.testing.assert_array_equal(mesh_results["pred_mesh"], mesh_results["pred_ref"])
 
