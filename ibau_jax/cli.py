@@ -182,8 +182,7 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
     config = preset(**overrides)
 
     xb, yb = exp.batches(config.batch_size, args.limit_batches)
-    multi = jax.process_count() > 1 or (args.devices or 1) > 1
-    mesh = parallel.make_mesh(args.devices) if multi else None
+    mesh = parallel.cli_mesh(args.devices)
     writer = jax.process_index() == 0  # multi-host: every process computes the same; one writes
     evaluate = lambda v: exp.evaluate(v, mesh)
     result: dict[str, Any] = {
@@ -270,8 +269,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     seeds = list(range(args.seed, args.seed + args.num_seeds))
 
     xb, yb = exp.batches(config.batch_size, args.limit_batches)
-    multi = jax.process_count() > 1 or (args.devices or 1) > 1
-    mesh = parallel.make_mesh(args.devices) if multi else None
+    mesh = parallel.cli_mesh(args.devices)
 
     evaluate = lambda v: exp.evaluate(v, mesh)
 

@@ -78,6 +78,12 @@ def add_distributed_args(p) -> None:
     p.add_argument("--process-id", type=int, default=None, help="multi-host: this process (or IBAU_PROCESS_ID)")
 
 
+def cli_mesh(devices: int | None) -> Mesh | None:
+    """The CLI's mesh: ``devices`` (default: every device of every process); None when that is 1."""
+    n = jax.device_count() if devices is None else devices
+    return make_mesh(devices) if n > 1 or jax.process_count() > 1 else None
+
+
 # ----------------------------------------------------------------------------- mesh and placement
 
 def make_mesh(num_devices: int | None = None) -> Mesh:
