@@ -9,6 +9,7 @@ from typing import Callable
 
 import jax
 import numpy as np
+import optax
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -56,5 +57,22 @@ def markdown(rows: list[dict], cols: list[str]) -> str:
 
 
 def write_json(path: str | Path, payload: dict) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(payload, indent=2))
+    """Write the results atomically (an interrupted run never leaves half a file)."""
+    from ibau_jax.cli import write_atomic
+
+    write_atomic(Path(path), json.dumps(payload, indent=2))
+
+
+def hypergrad_descent(hg: Callable, solve_inner: Callable, opt, steps: int) -> Callable:
+    """Jitted ``descend(θ, w) -> (θ_T, w*(θ_T))``: ``steps`` optax steps on θ with ``hg(w, θ)[1]``,
+    the inner solution warm-started by ``solve_inner(θ, w)`` before every hypergradient."""
+    @jax.jit
+    def descend(th, w):
+        def body(carry, _):
+            th, w, st = carry
+            w = solve_inner(th, w)
+            upd, st = opt.update(hg(w, th)[1], st)
+            return (optax.apply_updates(th, upd), w, st), None
+        (th, w, _), _ = jax.lax.scan(body, (th, w, opt.init(th)), None, length=steps)
+        return th, solve_inner(th, w)
+    return descend

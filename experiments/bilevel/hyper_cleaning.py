@@ -21,7 +21,7 @@ import numpy as np
 import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, cifar_features, markdown, rel_err, time_call, write_json  # noqa: E402
+from common import REPO, cifar_features, hypergrad_descent, markdown, rel_err, time_call, write_json  # noqa: E402
 
 from ibau_jax.hypergrad import make_solve, root_hypergrad  # noqa: E402
 
@@ -90,19 +90,7 @@ def main() -> None:
         hg = make_hg(name, opts)
         _, g0, info = hg(w0, s0)
         t = time_call(hg, w0, s0)
-
-        @jax.jit
-        def descend(s, w):
-            def body(carry, _):
-                s, w, st = carry
-                w = solve_inner(s, w)
-                g = hg(w, s)[1]
-                upd, st = opt.update(g, st)
-                return (optax.apply_updates(s, upd), w, st), None
-            (s, w, _), _ = jax.lax.scan(body, (s, w, opt.init(s)), None, length=a.steps)
-            return s, solve_inner(s, w)
-
-        s_f, w_f = descend(s0, w0)
+        s_f, w_f = hypergrad_descent(hg, solve_inner, opt, a.steps)(s0, w0)
         rows.append({"solver": name + "".join(f" {k}={v}" for k, v in opts.items()),
                      "hypergrad rel. err": rel_err(g0, g_ref),
                      "rel. residual": float(info.residual_norm / info.rhs_norm),

@@ -20,7 +20,7 @@ import numpy as np
 import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, cifar_features, markdown, rel_err, time_call, write_json  # noqa: E402
+from common import REPO, cifar_features, hypergrad_descent, markdown, rel_err, time_call, write_json  # noqa: E402
 
 from ibau_jax.hypergrad import make_solve, root_hypergrad, unrolled_hypergrad  # noqa: E402
 
@@ -88,18 +88,7 @@ def run(kind: str, steps: int, lr: float, n_train: int, n_val: int, d: int) -> l
         _, g0, rres = hg(w0, th0)
         t = time_call(hg, w0, th0)
 
-        @jax.jit
-        def descend(th, w):
-            def body(carry, _):
-                th, w, st = carry
-                w = solve_inner(th, w)
-                _, g, _ = hg(w, th)
-                upd, st = opt.update(g, st)
-                return (optax.apply_updates(th, upd), w, st), None
-            (th, w, _), _ = jax.lax.scan(body, (th, w, opt.init(th)), None, length=steps)
-            return th, solve_inner(th, w)
-
-        th_f, w_f = descend(th0, w0)
+        th_f, w_f = hypergrad_descent(hg, solve_inner, opt, steps)(th0, w0)
         label = name + "".join(f" {k}={v}" for k, v in opts.items())
         rows.append({"problem": kind, "solver": label, "hypergrad rel. err": rel_err(g0, g_ref),
                      "rel. residual": float(rres), "ms / hypergrad": 1e3 * t,
