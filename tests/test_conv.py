@@ -58,7 +58,8 @@ def rel_err(a, b) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
 
 
-SHAPES = [(2, 5, 5, 3, 4), (2, 8, 8, 3, 4), (1, 4, 6, 2, 5)]   # (N, H, W, Ci, Co); last: H≠W
+# (N, H, W, Ci, Co); (1, 4, 6, ...): H≠W; N = 9: two whole weight-gradient chunks and a remainder
+SHAPES = [(2, 5, 5, 3, 4), (2, 8, 8, 3, 4), (1, 4, 6, 2, 5), (9, 5, 5, 3, 4)]
 
 
 @pytest.mark.parametrize("N,H,W,Ci,Co", SHAPES)
