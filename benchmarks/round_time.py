@@ -80,7 +80,7 @@ def main() -> None:
     ckpt = shared / "ibau-original/checkpoints/badnets_8_02_ckpt.pth"
     variables, _ = checkpoints.load_torch_checkpoint(ckpt)
     model = models.get_model("small_vgg", 10)
-    masks = ibau.random_masks(jax.random.PRNGKey(args.seed), B, cfg)
+    masks = jnp.asarray(ibau.seed_masks(args.seed, 1, B, cfg)[0])  # as `ibau-jax unlearn --seed`
     idx = [np.flatnonzero(np.asarray(m)) for m in masks]
 
     # ---------------- JAX

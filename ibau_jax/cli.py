@@ -188,7 +188,7 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
     result: dict[str, Any] = {
         "config": {"checkpoint": str(args.checkpoint), "model": args.model, "dataset": args.dataset,
                    "attack": args.attack, "target": target, "rounds": args.rounds, "seed": args.seed,
-                   "n_clean": args.n_clean, "num_batches": int(xb.shape[0]), "preset": args.preset,
+                   "mask_rng": args.mask_rng, "n_clean": args.n_clean, "num_batches": int(xb.shape[0]), "preset": args.preset,
                    "ibau": dataclasses.asdict(config), "jax_backend": jax.default_backend(),
                    "devices": mesh.size if mesh is not None else 1, "processes": jax.process_count()},
         "before": evaluate(variables), "rounds": []}
@@ -204,10 +204,9 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
                 else ibau.make_round(model, config, on_step=on_step))
     params, batch_stats = variables["params"], variables["batch_stats"]
     opt_state = config.outer_tx().init(params)
-    key = jax.random.PRNGKey(args.seed)
+    all_masks = ibau.seed_masks(args.seed, args.rounds, xb.shape[0], config, args.mask_rng)
     for r in range(1, args.rounds + 1):
-        key, sub = jax.random.split(key)
-        masks = ibau.random_masks(sub, xb.shape[0], config)
+        masks = all_masks[r - 1]
         bar.set_postfix_str(f"round {r}/{args.rounds}" + (" (compiling)" if r == 1 else ""))
         t0 = time.perf_counter()
         outp = jax.block_until_ready(round_fn(params, batch_stats, opt_state, xb, yb, masks))
@@ -277,10 +276,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     done = lambda k, n: print(f"[{k}/{n} runs of this K] {time.perf_counter() - t0:.1f} s", flush=True)
     records = parallel.sweep_rounds(model, config, variables, xb, yb, seeds=seeds, grid=grid, rounds=args.rounds,
                                     chunk=args.chunk, evaluate_fn=evaluate, mesh=mesh, on_chunk=done,
-                                    strategy=args.strategy)
+                                    strategy=args.strategy, mask_rng=args.mask_rng)
     result = {"config": {"checkpoint": str(args.checkpoint), "model": args.model, "dataset": args.dataset,
                          "attack": args.attack, "target": target, "rounds": args.rounds, "seeds": seeds,
-                         "chunk": args.chunk, "strategy": args.strategy, "n_clean": args.n_clean, "num_batches": int(xb.shape[0]),
+                         "mask_rng": args.mask_rng, "chunk": args.chunk, "strategy": args.strategy, "n_clean": args.n_clean, "num_batches": int(xb.shape[0]),
                          "preset": args.preset, "ibau": dataclasses.asdict(config),
                          "devices": mesh.size if mesh is not None else 1, "processes": jax.process_count(),
                          "jax_backend": jax.default_backend(), "seconds": round(time.perf_counter() - t0, 3)},
@@ -377,7 +376,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import attacks, hypergrad, models, parallel
+    from . import attacks, hypergrad, ibau, models, parallel
 
     parser = argparse.ArgumentParser(prog="ibau-jax", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -395,6 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--outer-lr", type=float, default=None, help="Adam learning rate (default 1e-3)")
     u.add_argument("--limit-batches", type=int, default=0, help="use only the first B clean batches (quick runs)")
     u.add_argument("--seed", type=int, default=0)
+    u.add_argument("--mask-rng", default="python", choices=ibau.MASK_RNGS,
+                   help="how the perturbed image of each outer batch is drawn: python = the original "
+                        "code's random.sample stream after random.seed(SEED) (default); jax = jax.random")
     u.add_argument("--out", default="result.json")
     u.add_argument("--save", default=None, help="write the unlearned model here (.npz)")
     u.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -417,6 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--radius", type=float, nargs="+", default=None, help="values of the projection radius")
     w.add_argument("--seed", type=int, default=0, help="first seed")
     w.add_argument("--num-seeds", type=int, default=4, help="seeds seed .. seed+num_seeds-1 per setting")
+    w.add_argument("--mask-rng", default="python", choices=ibau.MASK_RNGS, help="as in unlearn")
     w.add_argument("--chunk", type=int, default=4, help="runs (setting x seed) per compiled call; bounds memory")
     w.add_argument("--strategy", default="auto", choices=("auto", "vmap", "map"),
                    help="runs of a chunk batched (vmap) or in sequence inside one program (map); auto: map on CPU")

@@ -158,13 +158,11 @@ def run_demo(args) -> dict[str, Any]:
     round_fn = ibau.make_round(model, config)
     params, batch_stats = state.params, state.batch_stats
     opt_state = config.outer_tx().init(params)
-    key = jax.random.PRNGKey(args.seed)
+    all_masks = ibau.seed_masks(args.seed, args.rounds, xb.shape[0], config, rng="jax")
     delta = None
     for r in range(1, args.rounds + 1):
-        key, sub = jax.random.split(key)
         t0 = time.perf_counter()
-        out = jax.block_until_ready(round_fn(params, batch_stats, opt_state, xb, yb,
-                                             ibau.random_masks(sub, xb.shape[0], config)))
+        out = jax.block_until_ready(round_fn(params, batch_stats, opt_state, xb, yb, all_masks[r - 1]))
         params, opt_state, delta = out.params, out.opt_state, np.asarray(out.delta)
         m = eval_sets.evaluate(model, {"params": params, "batch_stats": batch_stats})
         rows.append({"stage": f"round {r}", **m, "seconds": time.perf_counter() - t0})

@@ -17,10 +17,12 @@ One round, on a clean set split into B batches xb (B, n, H, W, C), yb (B, n):
 from __future__ import annotations
 
 import dataclasses
+import random
 from typing import Any, Callable, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from . import hypergrad
@@ -175,6 +177,39 @@ def random_masks(key: jax.Array, num_batches: int, config: IBAUConfig) -> jax.Ar
     return jax.vmap(one)(jax.random.split(key, num_batches))
 
 
+MASK_RNGS = ("python", "jax")
+
+
+def python_masks(rng: random.Random, num_batches: int, config: IBAUConfig) -> np.ndarray:
+    """(B, n) float32 masks drawn as the original code draws them: per outer batch,
+    ``rng.sample(range(n), n_perturbed)`` with Python's ``random`` (the original calls
+    ``random.sample(list(np.arange(n)), int(n * portion))`` once per outer step)."""
+    masks = np.zeros((num_batches, config.batch_size), np.float32)
+    for b in range(num_batches):
+        masks[b, rng.sample(range(config.batch_size), config.n_perturbed)] = 1.0
+    return masks
+
+
+def seed_masks(seed: int, rounds: int, num_batches: int, config: IBAUConfig,
+               rng: Literal["python", "jax"] = "python") -> np.ndarray:
+    """(rounds, B, n) masks of a whole run, as ``ibau-jax unlearn --seed S --mask-rng RNG`` draws them.
+
+    ``python`` (default): one ``random.Random(seed)`` over all rounds, so the perturbed images
+    are those of the original code run after ``random.seed(seed)``. ``jax``: round r uses
+    ``random_masks`` with the r-th ``jax.random.split`` of ``PRNGKey(seed)``.
+    """
+    if rng == "python":
+        gen = random.Random(seed)
+        return np.stack([python_masks(gen, num_batches, config) for _ in range(rounds)])
+    if rng == "jax":
+        key, out = jax.random.PRNGKey(seed), []
+        for _ in range(rounds):
+            key, sub = jax.random.split(key)
+            out.append(np.asarray(random_masks(sub, num_batches, config)))
+        return np.stack(out)
+    raise ValueError(f"unknown mask rng {rng!r}; choose one of {', '.join(MASK_RNGS)}")
+
+
 class RoundOutput(NamedTuple):
     params: PyTree
     opt_state: optax.OptState
@@ -217,7 +252,7 @@ def make_round(model, config: IBAUConfig,
                on_step: Callable[[jax.Array], None] | None = None) -> Callable[..., RoundOutput]:
     """Jitted ``round(params, batch_stats, opt_state, xb, yb, masks) -> RoundOutput``.
 
-    xb (B, n, H, W, C) float32 in [0, 1], yb (B, n) int, masks (B, n) from ``random_masks``.
+    xb (B, n, H, W, C) float32 in [0, 1], yb (B, n) int, masks (B, n) from ``seed_masks`` or ``random_masks``.
     """
     logits = make_logits_fn(model)
 

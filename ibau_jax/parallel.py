@@ -218,15 +218,6 @@ def evaluate(apply_fn: metrics.ApplyFn, variables: PyTree, acc_x: Any, acc_y: An
 
 # ----------------------------------------------------------------------------- sweeps
 
-def seed_masks(seed: int, rounds: int, num_batches: int, config: ibau.IBAUConfig) -> np.ndarray:
-    """(rounds, B, n) masks for ``seed``, split exactly as ``ibau-jax unlearn --seed`` does."""
-    key, out = jax.random.PRNGKey(seed), []
-    for _ in range(rounds):
-        key, sub = jax.random.split(key)
-        out.append(np.asarray(ibau.random_masks(sub, num_batches, config)))
-    return np.stack(out)
-
-
 def make_hparam_round(model, config: ibau.IBAUConfig, names: Sequence[str], mesh: Mesh | None = None,
                       strategy: str = "auto"):
     """Jitted ``round(params, batch_stats, opt_state, xb, yb, masks, hp) -> RoundOutput`` over R runs.
@@ -284,8 +275,12 @@ def sweep_rounds(model, config: ibau.IBAUConfig, variables: PyTree, xb: Any, yb:
                  seeds: Sequence[int], grid: Mapping[str, Sequence[Any]] | None = None, rounds: int = 1,
                  chunk: int = 8, evaluate_fn: Callable[[PyTree], dict[str, float]] | None = None,
                  mesh: Mesh | None = None, keep_params: bool = False,
-                 on_chunk: Callable[[int, int], None] | None = None, strategy: str = "auto") -> list[dict[str, Any]]:
+                 on_chunk: Callable[[int, int], None] | None = None, strategy: str = "auto",
+                 mask_rng: str = "python") -> list[dict[str, Any]]:
     """I-BAU from ``variables`` for every (setting, seed): ``rounds`` rounds each.
+
+    Each seed's perturbed images are ``ibau.seed_masks(seed, rounds, B, config, mask_rng)``,
+    as ``ibau-jax unlearn --seed`` draws them.
 
     grid: ``{field: values}``; fields in SWEEPABLE are vmapped (traced), any other
     IBAUConfig field (e.g. K, solver) loops in Python, one compilation per distinct value.
@@ -312,7 +307,7 @@ def sweep_rounds(model, config: ibau.IBAUConfig, variables: PyTree, xb: Any, yb:
         xb, yb = _put(xb, data), _put(yb, data)
     else:
         xb, yb = jnp.asarray(xb), jnp.asarray(yb)
-    masks_of = {s: seed_masks(s, rounds, B, config) for s in seeds}
+    masks_of = {s: ibau.seed_masks(s, rounds, B, config, mask_rng) for s in seeds}
     records: list[dict[str, Any]] = []
     for st in grid_settings({n: grid[n] for n in static}) or [{}]:
         cfg = dataclasses.replace(config, **st)

@@ -46,6 +46,32 @@ def test_random_masks_count_and_seed():
     assert ibau.IBAUConfig().n_perturbed == 1  # int(0.01 * 100), as the original
 
 
+def test_python_masks_follow_the_original_random_stream():
+    # The original calls random.sample(list(np.arange(100)), int(100 * 0.01)) once per outer
+    # step, after random.seed(seed), with no other use of `random` in between; 2 rounds of 50.
+    import random
+    random.seed(3)
+    expected = [random.sample(list(np.arange(100)), 1)[0] for _ in range(2 * 50)]
+    m = ibau.seed_masks(3, 2, 50, ibau.IBAUConfig.faithful())
+    assert m.shape == (2, 50, 100) and m.dtype == np.float32 and np.all(m.sum(-1) == 1)
+    assert m.reshape(100, 100).argmax(-1).tolist() == [int(i) for i in expected]
+    assert not np.array_equal(m, ibau.seed_masks(4, 2, 50, ibau.IBAUConfig.faithful()))
+    # several images per batch: distinct positions, the exact count
+    m5 = ibau.seed_masks(0, 1, 7, ibau.IBAUConfig(batch_size=100, portion=0.05))
+    assert np.all(m5.sum(-1) == 5) and set(np.unique(m5)) == {0.0, 1.0}
+
+
+def test_jax_seed_masks_are_split_keys():
+    cfg = ibau.IBAUConfig.faithful()
+    m = ibau.seed_masks(2, 2, 5, cfg, rng="jax")
+    key = jax.random.PRNGKey(2)
+    for r in range(2):
+        key, sub = jax.random.split(key)
+        np.testing.assert_array_equal(m[r], np.asarray(ibau.random_masks(sub, 5, cfg)))
+    with pytest.raises(ValueError, match="unknown mask rng 'numpy'; choose one of python, jax"):
+        ibau.seed_masks(0, 1, 5, cfg, rng="numpy")
+
+
 def test_search_is_sgd_on_predicted_labels(problem):
     params, xb, yb = problem
     cfg = ibau.IBAUConfig(batch_size=10, search_lr=0.7, search_reg=0.05)

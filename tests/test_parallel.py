@@ -140,9 +140,7 @@ def test_sweep_over_seeds_matches_separate_rounds(small, strategy):
     params, bs = variables["params"], variables["batch_stats"]
     outs = []
     for s, got in zip(seeds, recs[0]["params"]):
-        # masks as `ibau-jax unlearn --seed s` draws them for round 1
-        _, sub = jax.random.split(jax.random.PRNGKey(s))
-        masks = ibau.random_masks(sub, xb.shape[0], config)
+        masks = ibau.seed_masks(s, 1, xb.shape[0], config)[0]  # as `ibau-jax unlearn --seed s`, round 1
         ref = _flat(round_fn(params, bs, config.outer_tx().init(params), xb, yb, masks).params)
         assert _rel(_flat(got), ref) <= 1e-4
         outs.append(ref)
@@ -159,8 +157,7 @@ def test_sweep_over_hyperparameters_matches_configs(small, strategy):
                                  {"clean_acc": 0.5, "asr_all": 0.1, "asr_nontarget": 0.0})
     assert len(recs) == 4 and len(evals) == 4  # chunks of 3: one full, one padded
     params, bs = variables["params"], variables["batch_stats"]
-    _, sub = jax.random.split(jax.random.PRNGKey(5))
-    masks = ibau.random_masks(sub, xb.shape[0], config)
+    masks = ibau.seed_masks(5, 1, xb.shape[0], config)[0]
     for r in recs:
         cfg = dataclasses.replace(config, **{k: r[k] for k in grid})
         ref = _flat(ibau.make_round(model, cfg)(params, bs, cfg.outer_tx().init(params), xb, yb, masks).params)
