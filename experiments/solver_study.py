@@ -19,10 +19,15 @@ relabelled to 8), with the faithful configuration (``IBAUConfig.faithful()``):
    of J, singular values) in float64.
 3. Relative error ‖g − g*‖/‖g*‖ of the θ-hypergradient: Neumann K = 1..K_max (iterates from
    the dense J, checked against ``hypergrad.make_solve("neumann", K)`` through
-   ``hypergrad.fixed_point_hypergrad`` at a few K); ``normal_cg`` / ``gmres`` (and ``cg`` /
-   ``bicgstab``) through the library on the model at the round's caps, and through the same
-   library solvers on the dense matrix for a sweep of ``maxiter`` (cheap; same arithmetic up
-   to float32 rounding of the products).
+   ``hypergrad.fixed_point_hypergrad`` at a few K); ``normal_cg`` / ``gmres`` / ``cg`` on the
+   model at the round's caps, and the library's solvers (``bicgstab`` too) on the dense matrix
+   for a sweep of ``maxiter`` (cheap; same arithmetic up to float32 rounding of the products).
+   ``hypergrad.make_solve`` 's ``normal_cg``, ``gmres`` and ``bicgstab`` cannot be traced on the
+   model (jax transposes the matvec, and the model's ``custom_vjp`` conv has no transpose
+   rule; the JSON records the error), so on the model this script uses
+   :func:`normal_cg_vjp` / :func:`gmres_no_transpose`: the same algorithms without that
+   transpose (:class:`StudyConfig`). Also, for every outer batch at θ₀, the exact
+   hypergradient against Neumann K=5 and K=20 (same A, one LU).
 4. One whole faithful round (50 outer steps, ``ibau.make_round``) per solver setting, same
    masks: clean accuracy, ``asr_all``, ``asr_nontarget``, seconds. (A dense solve per outer step
    would cost 3,072 VJPs × 50 steps: not run; the JSON states the estimate.)
@@ -30,7 +35,9 @@ relabelled to 8), with the faithful configuration (``IBAUConfig.faithful()``):
 Writes the JSON atomically after every finished part (``--resume`` reuses finished rounds of
 the same configuration), the plot ``docs/img/solver_study.png`` (``--plot``), and prints
 markdown tables. ``--quick``: a smoke test on a reduced problem (batches of 2 images, 3
-batches, K ≤ 10, 200 evaluation images) in a few minutes; its numbers mean nothing.
+batches, K ≤ 10, 200 evaluation images; about 2 minutes on 2 cores) written under runs/;
+its numbers mean nothing. ``--parts jacobian|dense|rounds`` runs pieces (they share the
+Jacobian cache and, with ``--resume``, the JSON). Results: docs/solver_study.md.
 ``--report-only`` re-makes tables and plot from the JSON.
 """
 from __future__ import annotations
@@ -688,6 +695,14 @@ def tables(result: dict) -> str:
                 "| quantity | median | mean | min | max |", "|---|---|---|---|---|"]
         for k, v in sm.items():
             out.append(f"| {k} | {v['median']:.3g} | {v['mean']:.3g} | {v['min']:.3g} | {v['max']:.3g} |")
+        rows = result["per_batch"]["rows"]
+        nz = [r for r in rows if r["grad_delta_norm"] > 0]
+        out += ["", f"{len(rows) - len(nz)} of {len(rows)} batches have ∇_δ L_outer = 0 exactly in float32 (the "
+                "perturbed image's softmax saturates at its true label), so their implicit term is 0; over the "
+                f"other {len(nz)}:", "", "| quantity | median | min | max |", "|---|---|---|---|"]
+        for k in [k for k in rows[0] if k not in ("batch", "outer_loss", "grad_delta_norm")]:
+            vals = np.array([r[k] for r in nz])
+            out.append(f"| {k} | {np.median(vals):.3g} | {vals.min():.3g} | {vals.max():.3g} |")
         out.append("")
     if result.get("rounds"):
         b = result.get("before", {})
@@ -727,12 +742,15 @@ def plot(result: dict, path: Path) -> None:
         if name in ("normal_cg", "gmres"):
             ax.axhline(r["hypergrad_rel_err"], color=colors[name], ls="-",
                        label=f"{r['solver']} (products: {r['matvecs']}{' + transposes' if name == 'normal_cg' else ''})")
+    v0 = result["dense"]["hypergrad_rel_err_of_grad_theta_only"]
+    for a in (ax, ax2):
+        a.axhline(v0, color="k", lw=.8, ls="--", label=f"v = 0 (∇θ L_outer only): {v0:.3g}")
     ax.set_xlabel("K (Neumann steps)")
     ax.set_ylabel("relative error of the θ-hypergradient g")
     ax.set_title("solid: ‖g − g*‖/‖g*‖; dashed: ‖g − g*‖/‖(∂θΦ)ᵀv*‖", fontsize=9)
     fig.suptitle("I-BAU hypergradient at θ₀ (authors' checkpoint, outer batch 1) against the exact dense solve",
                  fontsize=11)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(0.0, 0.93))
     ax.grid(True, which="both", alpha=.3)
     ax2.semilogy([r["matvecs"] for r in result["neumann"]], [r["hypergrad_rel_err"] for r in result["neumann"]],
                  "o-", ms=3, label="neumann")
@@ -744,7 +762,8 @@ def plot(result: dict, path: Path) -> None:
     ax2.set_xscale("symlog", linthresh=10)
     ax2.set_xlabel("products with (I − ∂Φ/∂δ)ᵀ per solve")
     ax2.set_ylabel("‖g − g*‖ / ‖g*‖")
-    ax2.set_title("library solvers on the dense matrix (maxiter sweep)")
+    ax2.set_title("library solvers on the dense matrix (maxiter sweep); y zoomed to 0.5–5", fontsize=10)
+    ax2.set_ylim(0.5, 5)
     ax2.legend(fontsize=8)
     ax2.grid(True, which="both", alpha=.3)
     fig.tight_layout()
@@ -763,7 +782,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shared", default=os.environ.get("IBAU_SHARED", str(REPO.parent / "shared")))
     ap.add_argument("--quick", action="store_true", help="reduced smoke test (numbers mean nothing)")
-    ap.add_argument("--out", default=None, help="JSON (default experiments/results/solver_study[_quick].json)")
+    ap.add_argument("--out", default=None,
+                    help="JSON (default experiments/results/solver_study.json; --quick: runs/solver_study/quick.json)")
     ap.add_argument("--plot", default=None, help="PNG (default docs/img/solver_study.png; quick: next to the JSON)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--parts", default="dense,rounds", help="comma list of dense, rounds; or 'jacobian' alone: only fill the cache")
@@ -771,8 +791,8 @@ def main() -> None:
     ap.add_argument("--cache-dir", default=str(REPO / "runs/solver_study"), help="dense Jacobian cache")
     ap.add_argument("--report-only", action="store_true", help="tables and plot from the JSON, no computation")
     args = ap.parse_args()
-    suffix = "_quick" if args.quick else ""
-    out = Path(args.out) if args.out else REPO / f"experiments/results/solver_study{suffix}.json"
+    out = Path(args.out) if args.out else (REPO / "runs/solver_study/quick.json" if args.quick
+                                           else REPO / "experiments/results/solver_study.json")
     png = Path(args.plot) if args.plot else (out.with_suffix(".png") if args.quick else REPO / "docs/img/solver_study.png")
 
     if args.report_only:
@@ -823,9 +843,12 @@ def main() -> None:
                     order = [label for label, _ in s["rounds"]]
                     result["rounds"] = sorted(result.get("rounds", []) + extra,
                                               key=lambda r: order.index(r["label"]) if r["label"] in order else 99)
-                mine = {(r["command"], r["started"]) for r in result["runs"]}
-                result["runs"] = [r for r in disk.get("runs", []) if (r["command"], r["started"]) not in mine] + \
-                    result["runs"]
+                # every other run's record as that run last wrote it (on disk), this run's from memory
+                this = result["runs"][-1]
+                runs = {(r["command"], r["started"]): r for r in result["runs"][:-1]}
+                runs.update({(r["command"], r["started"]): r for r in disk.get("runs", [])})
+                runs[(this["command"], this["started"])] = this
+                result["runs"] = sorted(runs.values(), key=lambda r: r["started"])
                 for k, v in disk.get("wall_s", {}).items():
                     result["wall_s"].setdefault(k, v)
         write_json(out, result)
