@@ -6,7 +6,8 @@ For each attack (BadNets, Blend, Trojan-WM, SIG, WaNet; target class 0): poison 
 ``--n-train`` CIFAR-10 training images (``attacks.poison_dataset``), train a small VGG on them
 (``train.train``, a resumable run directory ``OUT/<attack>/train``), measure clean accuracy,
 ``asr_all`` and ``asr_nontarget``, then run I-BAU from that model with each I-BAU setting
-(``ibau.make_round``: the same compiled round as ``ibau-jax unlearn``) and measure again.
+(``ibau.make_round``: the same compiled round as ``ibau-jax unlearn``, with the masks of
+``ibau-jax unlearn --mask-rng jax``) and measure again.
 
 Test-set split (CIFAR-10 test images, fixed order, as the original code): images
 0 .. n_clean-1 are the defender's clean set for I-BAU; images n_clean .. n_clean+n_test-1
@@ -95,7 +96,7 @@ def ibau_settings(args: argparse.Namespace) -> dict[str, ibau.IBAUConfig]:
 
 def unlearn(model, round_fn, config: ibau.IBAUConfig, variables, clean_x, clean_y, evaluate, rounds: int,
             seed: int, label: str) -> list[dict[str, Any]]:
-    """``rounds`` I-BAU rounds as ``ibau-jax unlearn`` runs them (same masks for the same seed)."""
+    """``rounds`` I-BAU rounds as ``ibau-jax unlearn --mask-rng jax`` runs them (same masks for the same seed)."""
     xb, yb = data.batches(clean_x, config.batch_size), data.batches(clean_y, config.batch_size)
     params, batch_stats = variables["params"], variables["batch_stats"]
     opt_state = config.outer_tx().init(params)
@@ -176,7 +177,8 @@ def markdown(summary: dict[str, Any]) -> str:
         res = summary["results"].get(name)
         if res is None:
             continue
-        opts = ", ".join(f"{k}={v}" for k, v in res["config"]["options"].items())
+        opts = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                         for k, v in res["config"]["options"].items())
         b = res["before"]
         lines.append(f"| {name} | {res['poison_ratio']:g}{f' ({opts})' if opts else ''} | poisoned | "
                      f"{b['clean_acc']:.4f} | {b['asr_all']:.4f} | {b['asr_nontarget']:.4f} | "
