@@ -29,15 +29,8 @@ CHUNKS = (1, 2, 4, 10, 25)
 
 def wgrad_chunked(chunk: int):
     def f(x, dy):
-        return sum(_one_conv(x[i:i + chunk], dy[i:i + chunk]) for i in range(0, x.shape[0], chunk))
+        return sum(conv.wgrad_conv(x[i:i + chunk], dy[i:i + chunk]) for i in range(0, x.shape[0], chunk))
     return f
-
-
-def _one_conv(x, dy):
-    # the kernel-gradient conv exactly as conv.conv3x3_wgrad writes it, for one chunk
-    out = jax.lax.conv_general_dilated(jnp.transpose(x, (3, 1, 2, 0)), jnp.transpose(dy, (1, 2, 0, 3)),
-                                       (1, 1), conv._PAD, dimension_numbers=conv._DN)
-    return jnp.transpose(out, (1, 2, 0, 3))
 
 
 def ms(fn, *args, reps: int) -> float:
@@ -64,7 +57,7 @@ def main() -> None:
         dy = jax.random.normal(key, (args.batch, hw, hw, co))
         w = jax.random.normal(key, (3, 3, ci, co))
         row = {"layer": f"{hw}x{hw} {ci}->{co}", "forward_ms": ms(conv.conv3x3, x, w, reps=args.reps),
-               "wgrad_whole_batch_ms": ms(_one_conv, x, dy, reps=args.reps),
+               "wgrad_whole_batch_ms": ms(conv.wgrad_conv, x, dy, reps=args.reps),
                "wgrad_library_ms": ms(conv.conv3x3_wgrad, x, dy, reps=args.reps)}
         for c in CHUNKS:
             row[f"wgrad_chunk{c}_ms"] = ms(wgrad_chunked(c), x, dy, reps=args.reps)

@@ -53,13 +53,14 @@ def conv3x3_wgrad(x: jax.Array, dy: jax.Array) -> jax.Array:
     # The chunking works around Eigen (XLA's CPU convs); other backends get one conv.
     n = x.shape[0]
     chunk = max(WGRAD_CHUNK, -(-n // _MAX_WGRAD_CHUNKS)) if jax.default_backend() == "cpu" else n
-    total = None
-    for start in range(0, n, chunk):
-        xs, ds = x[start:start + chunk], dy[start:start + chunk]
-        out = lax.conv_general_dilated(jnp.transpose(xs, (3, 1, 2, 0)), jnp.transpose(ds, (1, 2, 0, 3)),
-                                       (1, 1), _PAD, dimension_numbers=_DN)
-        total = out if total is None else total + out
-    return jnp.transpose(total, (1, 2, 0, 3))
+    return sum(wgrad_conv(x[i:i + chunk], dy[i:i + chunk]) for i in range(0, n, chunk))
+
+
+def wgrad_conv(x: jax.Array, dy: jax.Array) -> jax.Array:
+    """The kernel gradient as ONE canonical conv over the whole of x, dy (no chunking)."""
+    out = lax.conv_general_dilated(jnp.transpose(x, (3, 1, 2, 0)), jnp.transpose(dy, (1, 2, 0, 3)),
+                                   (1, 1), _PAD, dimension_numbers=_DN)
+    return jnp.transpose(out, (1, 2, 0, 3))
 
 
 def _conv_fwd(x, w):
