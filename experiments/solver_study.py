@@ -22,11 +22,10 @@ relabelled to 8), with the faithful configuration (``IBAUConfig.faithful()``):
    ``hypergrad.fixed_point_hypergrad`` at a few K); ``normal_cg`` / ``gmres`` / ``cg`` on the
    model at the round's caps, and the library's solvers (``bicgstab`` too) on the dense matrix
    for a sweep of ``maxiter`` (cheap; same arithmetic up to float32 rounding of the products).
-   ``hypergrad.make_solve`` 's ``normal_cg``, ``gmres`` and ``bicgstab`` cannot be traced on the
-   model (jax transposes the matvec, and the model's ``custom_vjp`` conv has no transpose
-   rule; the JSON records the error), so on the model this script uses
-   :func:`normal_cg_vjp` / :func:`gmres_no_transpose`: the same algorithms without that
-   transpose (:class:`StudyConfig`). Also, for every outer batch at θ₀, the exact
+   (Up to 2026-11-26 the library's ``normal_cg``, ``gmres`` and ``bicgstab`` were jaxopt's /
+   jax.scipy's, which transpose the matvec and could not be traced on the model's
+   ``custom_vjp`` conv; the JSON of that run records the error and the study used local
+   equivalents. The library's own transpose-free solvers replaced them.) Also, for every outer batch at θ₀, the exact
    hypergradient against Neumann K=5 and K=20 (same A, one LU).
 4. One whole faithful round (50 outer steps, ``ibau.make_round``) per solver setting, same
    masks: clean accuracy, ``asr_all``, ``asr_nontarget``, seconds. (A dense solve per outer step
@@ -89,64 +88,6 @@ QUICK = {
 }
 TOL = 1e-6          # the library's default solver_tol (IBAUConfig); the emulation sweep uses EMU_TOL
 EMU_TOL = 1e-7      # ~ float32 resolution: stop a converged Krylov solve instead of dividing 0 by 0
-
-
-def normal_cg_vjp(tol: float = 1e-6, maxiter: int | None = None) -> hypergrad.Solve:
-    """jaxopt's ``solve_normal_cg`` (CG on AᵀA x = Aᵀb), with Aᵀb taken by reverse mode.
-
-    jaxopt forms Aᵀb with ``jax.linear_transpose(matvec)``, which cannot transpose the model's
-    ``custom_vjp`` convolution (NotImplementedError: no transpose rule for custom_vjp_call), so
-    ``hypergrad.make_solve("normal_cg")`` fails on the real I-BAU problem. jaxopt's own normal
-    product AᵀA x already uses ``jax.vjp``; here Aᵀb does too. Same algorithm otherwise.
-    """
-    def solve(matvec, b):
-        _, vjp = jax.vjp(matvec, jax.tree.map(jnp.zeros_like, b))
-        atb = vjp(b)[0]
-
-        def normal(x):
-            ax, vjp_x = jax.vjp(matvec, x)
-            return vjp_x(ax)[0]
-
-        return jax.scipy.sparse.linalg.cg(normal, atb, tol=tol, maxiter=maxiter)[0]
-    return solve
-
-
-def gmres_no_transpose(tol: float = 1e-6, maxiter: int | None = None, restart: int = 20) -> hypergrad.Solve:
-    """``jax.scipy.sparse.linalg.gmres`` (jaxopt's ``solve_gmres``: x0 = 0, batched restarts of
-    ``restart``), without registering a transpose solve.
-
-    ``jax.scipy``'s gmres wraps its iterations in ``lax.custom_linear_solve(..., transpose_solve=...)``,
-    which transposes ``matvec`` at trace time with ``jax.linear_transpose`` and fails on the model's
-    ``custom_vjp`` convolution, so ``hypergrad.make_solve("gmres")`` cannot run on the real I-BAU
-    problem. This calls the same iteration (``_gmres_solve`` / ``_gmres_batched``, private to jax)
-    with the same tolerances, through ``custom_linear_solve`` with no transpose.
-    """
-    from jax._src.scipy.sparse import linalg as jsl
-
-    def solve(matvec, b):
-        x0 = jax.tree.map(jnp.zeros_like, b)
-        size = sum(bi.size for bi in jax.tree.leaves(b))
-        mi = 10 * size if maxiter is None else maxiter
-        r = min(restart, size)
-        b_norm = jsl._norm(b)
-        atol = jnp.maximum(tol * b_norm, 0.0)
-        ptol = jsl._norm(b) * jnp.minimum(1.0, atol / b_norm)      # M = identity
-        inner = lambda A, bb: jsl._gmres_solve(A, bb, x0, atol, ptol, r, mi, jsl._identity, jsl._gmres_batched)
-        return jax.lax.custom_linear_solve(matvec, b, solve=inner)
-    return solve
-
-
-@dataclasses.dataclass(frozen=True)
-class StudyConfig(ibau.IBAUConfig):
-    """``IBAUConfig`` whose ``normal_cg`` / ``gmres`` are :func:`normal_cg_vjp` /
-    :func:`gmres_no_transpose` (the library's versions cannot trace on the model; same algorithms)."""
-
-    def make_solve(self) -> hypergrad.Solve:
-        if self.solver == "normal_cg":
-            return normal_cg_vjp(tol=self.solver_tol, maxiter=self.solver_maxiter)
-        if self.solver == "gmres":
-            return gmres_no_transpose(tol=self.solver_tol, maxiter=self.solver_maxiter)
-        return super().make_solve()
 
 
 def _f(x: Any) -> float:
@@ -558,7 +499,7 @@ def dense_part(st: Study, prob: dict, result: dict, save) -> None:
     for label, over in s["rounds"]:
         if over["solver"] == "neumann":
             continue
-        cfg = StudyConfig.faithful(batch_size=s["batch_size"], portion=s["portion"], **over)
+        cfg = ibau.IBAUConfig.faithful(batch_size=s["batch_size"], portion=s["portion"], **over)
         sol = cfg.make_solve()
         gk, info = library_hypergrad(st, prob, lambda mv, bb, sol=sol: sol(mv, bb))
         lib.append({"solver": label, "tol": cfg.solver_tol, "maxiter": cfg.solver_maxiter,
@@ -598,7 +539,7 @@ def rounds_part(st: Study, prob: dict, result: dict, save) -> None:
         if label in done:
             print(f"round {label}: already in the JSON (--resume), skipped")
             continue
-        cfg = StudyConfig.faithful(batch_size=s["batch_size"], portion=s["portion"], **over)
+        cfg = ibau.IBAUConfig.faithful(batch_size=s["batch_size"], portion=s["portion"], **over)
         bar = tqdm(total=st.xb.shape[0], unit="step", desc=label, dynamic_ncols=True)
         round_fn = st.ibau.make_round(st.model, cfg, on_step=lambda loss: bar.update(1))
         opt_state = cfg.outer_tx().init(st.params)

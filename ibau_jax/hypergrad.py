@@ -35,7 +35,6 @@ with warnings.catch_warnings():
     # jaxopt is unmaintained and warns on import; it is pinned and used only in this module.
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     import jaxopt
-    from jaxopt import linear_solve
 
 PyTree = Any
 Solve = Callable[[Callable[[PyTree], PyTree], PyTree], PyTree]
@@ -96,6 +95,155 @@ def dense_solve(matvec: Callable[[PyTree], PyTree], b: PyTree, chunk_size: int =
     return unravel(jnp.linalg.solve(cols.T, b_flat))
 
 
+def _flat_system(matvec: Callable[[PyTree], PyTree], b: PyTree, ridge: float | None):
+    """(b_flat, unravel, mv) with mv(v) = A v (+ ridge·v) on flat vectors."""
+    b_flat, unravel = ravel_pytree(b)
+
+    def mv(v):
+        out = ravel_pytree(matvec(unravel(v)))[0]
+        return out if ridge is None else out + ridge * v
+    return b_flat, unravel, mv
+
+
+def _cg(mv, b, tol, maxiter):
+    """Conjugate gradients from x0 = 0 until ‖r‖ ≤ tol·‖b‖; returns (x, iterations)."""
+    atol2 = (tol * jnp.linalg.norm(b)) ** 2
+
+    def cond(s):
+        return (s[3] > atol2) & (s[4] < maxiter)
+
+    def body(s):
+        x, r, p, rr, k = s
+        ap = mv(p)
+        alpha = rr / jnp.vdot(p, ap)
+        x, r = x + alpha * p, r - alpha * ap
+        rr_new = jnp.vdot(r, r)
+        return x, r, r + (rr_new / rr) * p, rr_new, k + 1
+
+    s = (jnp.zeros_like(b), b, b, jnp.vdot(b, b), jnp.int32(0))
+    s = jax.lax.while_loop(cond, body, s)
+    return s[0], s[4]
+
+
+def _gmres(mv, b, tol, maxiter, restart):
+    """Restarted GMRES(restart) from x0 = 0 (Arnoldi with classical Gram-Schmidt applied twice);
+    ``maxiter`` counts restart cycles, as in jax.scipy. Returns (x, cycles)."""
+    n = b.shape[0]
+    m = min(restart, n)
+    atol = tol * jnp.linalg.norm(b)
+
+    def cycle(x, r, beta):
+        V = jnp.zeros((m + 1, n), b.dtype).at[0].set(r / jnp.where(beta > 0, beta, 1))
+        H = jnp.zeros((m + 1, m), b.dtype)
+
+        def arnoldi(j, VH):
+            V, H = VH
+            w = mv(V[j])
+            for _ in range(2):       # rows of V beyond j are still zero
+                h = V @ w
+                w = w - h @ V
+                H = H.at[:, j].add(h)
+            hn = jnp.linalg.norm(w)
+            # exact breakdown (hn = 0): a zero basis vector keeps A V_m = V_{m+1} H true
+            return V.at[j + 1].set(w / jnp.where(hn > 0, hn, 1)), H.at[j + 1, j].set(hn)
+
+        V, H = jax.lax.fori_loop(0, m, arnoldi, (V, H))
+        y = jnp.linalg.lstsq(H, jnp.zeros(m + 1, b.dtype).at[0].set(beta))[0]
+        return x + y @ V[:m]
+
+    def cond(s):
+        return (s[2] > atol) & (s[3] < maxiter)
+
+    def body(s):
+        x, r, beta, k = s
+        x = cycle(x, r, beta)
+        r = b - mv(x)
+        return x, r, jnp.linalg.norm(r), k + 1
+
+    s = jax.lax.while_loop(cond, body, (jnp.zeros_like(b), b, jnp.linalg.norm(b), jnp.int32(0)))
+    return s[0], s[3]
+
+
+def _bicgstab(mv, b, tol, maxiter):
+    """BiCGSTAB (van der Vorst 1992) from x0 = 0, shadow residual b; returns (x, iterations).
+    Stops at ‖r‖ ≤ tol·‖b‖, after maxiter iterations, or on a breakdown (non-finite residual)."""
+    atol = tol * jnp.linalg.norm(b)
+    one = jnp.ones((), b.dtype)
+
+    def cond(s):
+        rn = jnp.linalg.norm(s[1])
+        return (rn > atol) & jnp.isfinite(rn) & (s[8] < maxiter)
+
+    def body(s):
+        x, r, rhat, p, v, rho, alpha, omega, k = s
+        rho_new = jnp.vdot(rhat, r)
+        p = r + (rho_new / rho) * (alpha / omega) * (p - omega * v)
+        v = mv(p)
+        alpha = rho_new / jnp.vdot(rhat, v)
+        sv = r - alpha * v
+        t = mv(sv)
+        tt = jnp.vdot(t, t)
+        omega = jnp.where(tt > 0, jnp.vdot(t, sv) / jnp.where(tt > 0, tt, 1), 0)
+        return x + alpha * p + omega * sv, sv - omega * t, rhat, p, v, rho_new, alpha, omega, k + 1
+
+    z = jnp.zeros_like(b)
+    s = jax.lax.while_loop(cond, body, (z, b, b, z, z, one, one, one, jnp.int32(0)))
+    return s[0], s[8]
+
+
+def krylov(name: str, tol: float = 1e-6, maxiter: int | None = None,
+           ridge: float | None = None, restart: int = 20) -> Solve:
+    """Krylov solver ``cg``, ``normal_cg``, ``gmres`` or ``bicgstab`` for A x = b, from x0 = 0.
+
+    Stops when ‖r‖ ≤ tol·‖b‖ (``normal_cg``: the residual of AᵀA x = Aᵀb) or after
+    ``maxiter`` iterations (``gmres``: restart cycles of ``restart`` Arnoldi steps; default
+    10·n, as jax.scipy). ``ridge`` adds ridge·I to the iterated operator (to AᵀA for
+    ``normal_cg``), as jaxopt's solvers do.
+
+    The algorithms are those of jaxopt's ``solve_*`` / jax.scipy, written here so that no
+    solver ever transposes ``matvec`` with ``jax.linear_transpose``: jax.scipy's gmres and
+    bicgstab register a transpose solve and jaxopt's normal_cg forms Aᵀb that way, which
+    fails on models with ``custom_vjp`` layers (``ibau_jax.conv``). ``normal_cg`` gets Aᵀ
+    from one ``jax.vjp`` of the (linear) matvec. The returned function carries
+    ``.with_iterations(matvec, b) -> (x, iterations)``.
+    """
+    if name not in ("cg", "normal_cg", "gmres", "bicgstab"):
+        raise ValueError(f"unknown Krylov solver {name!r}; choose cg, normal_cg, gmres or bicgstab")
+
+    def run(matvec, b):
+        if name == "normal_cg":
+            b_flat, unravel, mv = _flat_system(matvec, b, None)
+            _, vjp = jax.vjp(mv, jnp.zeros_like(b_flat))   # mv is linear: its VJP is Aᵀ
+            at = lambda y: vjp(y)[0]
+            normal = (lambda v: at(mv(v))) if ridge is None else (lambda v: at(mv(v)) + ridge * v)
+            rhs, op = at(b_flat), normal
+        else:
+            rhs, unravel, op = _flat_system(matvec, b, ridge)
+        cap = 10 * rhs.shape[0] if maxiter is None else maxiter
+        if name in ("cg", "normal_cg"):
+            x, k = _cg(op, rhs, tol, cap)
+        elif name == "gmres":
+            x, k = _gmres(op, rhs, tol, cap, restart)
+        else:
+            x, k = _bicgstab(op, rhs, tol, cap)
+        return unravel(x), k
+
+    def solve(matvec, b):
+        # Registered with lax.custom_linear_solve so that grad-of-grad differentiates the
+        # solve implicitly; that needs jax.linear_transpose(matvec) (cg: symmetric, none),
+        # which custom_vjp layers do not allow: there the solve is returned undifferentiable.
+        inner = lambda mv, bb: run(mv, bb)[0]
+        if name == "cg":
+            return jax.lax.custom_linear_solve(matvec, b, inner, symmetric=True)
+        try:
+            return jax.lax.custom_linear_solve(matvec, b, inner, transpose_solve=inner)
+        except NotImplementedError:
+            return inner(matvec, b)
+
+    solve.with_iterations = run
+    return solve
+
+
 def make_solve(name: str, *, K: int = 5, step: float = 1.0, tol: float = 1e-6,
                maxiter: int | None = None, ridge: float | None = None) -> Solve:
     """A linear solver by name: ``neumann`` (K, step), ``normal_cg``, ``gmres``, ``cg``,
@@ -109,12 +257,9 @@ def make_solve(name: str, *, K: int = 5, step: float = 1.0, tol: float = 1e-6,
         return neumann(K, step)
     if name == "dense":
         return dense_solve
-    iterative = {"normal_cg": linear_solve.solve_normal_cg, "gmres": linear_solve.solve_gmres,
-                 "cg": linear_solve.solve_cg, "bicgstab": linear_solve.solve_bicgstab}
-    if name not in iterative:
-        raise ValueError(f"unknown solver {name!r}; choose one of {', '.join(SOLVERS)}")
-    fn = iterative[name]
-    return lambda matvec, b: fn(matvec, b, ridge=ridge, tol=tol, maxiter=maxiter)
+    if name in ("normal_cg", "gmres", "cg", "bicgstab"):
+        return krylov(name, tol=tol, maxiter=maxiter, ridge=ridge)
+    raise ValueError(f"unknown solver {name!r}; choose one of {', '.join(SOLVERS)}")
 
 
 class HypergradInfo(NamedTuple):
@@ -125,8 +270,9 @@ class HypergradInfo(NamedTuple):
     residual_norm: ‖A u − b‖₂ of the returned u (one extra matvec to compute), float scalar.
     rhs_norm: ‖b‖₂ (b = −∂_x L for root_vjp), float scalar; residual_norm / rhs_norm is the
         relative residual, 1 for u = 0.
-    iterations: int32 scalar; K for ``neumann``, 0 for ``dense`` (direct), −1 where the
-        solver does not report it (jax.scipy's cg / gmres / bicgstab, used by jaxopt).
+    iterations: int32 scalar; K for ``neumann``, 0 for ``dense`` (direct), the iterations run
+        for the Krylov solvers (``gmres``: restart cycles), −1 for a user solver that does not
+        report them.
     diverged: bool scalar; the residual is non-finite, or larger than ‖b‖ (worse than
         u = 0), or — for ``neumann`` — grew over the last step, ‖r_K‖ > ‖r_{K−1}‖ (while
         above √eps·‖b‖). For a
@@ -158,6 +304,8 @@ def solve_with_info(solve: Solve, matvec: Callable[[PyTree], PyTree],
     if hasattr(solve, "with_info"):          # neumann: also the residual of the previous step
         x, prev = solve.with_info(matvec, b)
         iterations = solve.iterations
+    elif hasattr(solve, "with_iterations"):  # Krylov solvers count their iterations
+        (x, iterations), prev = solve.with_iterations(matvec, b), None
     else:
         x, prev = solve(matvec, b), None
         iterations = getattr(solve, "iterations", 0 if solve is dense_solve else -1)

@@ -84,7 +84,10 @@ def test_solver_vs_dense(kind, name):
     assert not bool(info.diverged)
     assert float(info.residual_norm) <= 1e-9 * float(info.rhs_norm)
     assert float(info.rhs_norm) == pytest.approx(np.linalg.norm(b), rel=1e-12)
-    assert int(info.iterations) == {"neumann": 3000, "dense": 0}.get(name, -1)
+    if name in ("neumann", "dense"):
+        assert int(info.iterations) == {"neumann": 3000, "dense": 0}[name]
+    else:  # Krylov solvers report the iterations they ran (gmres: restart cycles)
+        assert 0 < int(info.iterations) <= 500
 
 
 @pytest.mark.parametrize("K", [20, 3000])

@@ -536,3 +536,46 @@ def test_dense_solve_pytree_and_jit():
     ref = np.linalg.solve(M, np.concatenate([b["a"].ravel(), b["b"]]))
     assert got["a"].shape == (2, 2)
     assert rel_err(flat(got), ref) <= 1e-12
+
+
+# --- solvers on a model with custom_vjp layers (ibau_jax.conv) ---------------------------
+# jax.linear_transpose cannot transpose a custom_vjp call; jax.scipy's gmres/bicgstab and
+# jaxopt's normal_cg used it, so they failed to even trace on the small VGG. The library's
+# Krylov solvers must run there and match a dense solve.
+
+def _conv_problem():
+    from ibau_jax.conv import conv3x3
+    rng = np.random.default_rng(3)
+    w = jnp.asarray(rng.normal(size=(3, 3, 2, 3)) * 0.4, F64)
+    v = jnp.asarray(rng.normal(size=(3, 3, 3, 2)) * 0.4, F64)
+    target = jnp.asarray(rng.normal(size=(2, 4, 4, 2)), F64)
+
+    def inner(d, th):           # nonconvex in d: the Hessian is indefinite
+        h = jnp.tanh(conv3x3(d, th["w"]))
+        return jnp.sum((conv3x3(h, th["v"]) - target) ** 2) - 0.3 * jnp.sum(d ** 2)
+
+    T = lambda d, th: d - 0.05 * jax.grad(inner)(d, th)
+    outer = lambda d, th: jnp.sum(jnp.sin(conv3x3(d, th["w"]))) + jnp.sum(th["v"] ** 2)
+    d = jnp.asarray(rng.normal(size=(2, 4, 4, 2)), F64)
+    return T, outer, d, {"w": w, "v": v}
+
+
+def test_conv_problem_is_indefinite_with_custom_vjp():
+    T, _, d, th = _conv_problem()
+    n = d.size
+    J = jax.jacrev(lambda x: T(x.reshape(d.shape), th).ravel())(d.ravel())
+    eig = np.linalg.eigvalsh(0.5 * (np.eye(n) - J + (np.eye(n) - J).T))
+    assert eig.min() < 0 < eig.max()
+    with pytest.raises(NotImplementedError):      # why the library cannot use linear_transpose
+        jax.linear_transpose(lambda u: jax.vjp(lambda x: T(x, th), d)[1](u)[0], d)(d)
+
+
+@pytest.mark.parametrize("name", ["normal_cg", "gmres", "bicgstab"])
+def test_krylov_solvers_run_on_custom_vjp_model(name):
+    T, outer, d, th = _conv_problem()
+    _, g_ref = fp_hg(T, outer, d, th, make_solve("dense"))
+    solve = make_solve(name, tol=1e-12, maxiter=2000)
+    _, g, info = jax.jit(lambda d, th: fp_hg(T, outer, d, th, solve, return_info=True))(d, th)
+    assert tree_rel_err(g, g_ref) <= 1e-6, name
+    assert int(info.iterations) > 0 and not bool(info.diverged)
+    assert float(info.residual_norm) <= 1e-8 * float(info.rhs_norm)
