@@ -6,8 +6,10 @@ from ibau_jax import cli
 
 def test_demo_removes_backdoor_and_writes_report(tmp_path, capsys):
     out = tmp_path / "demo"
-    # The default settings, two rounds fewer (they only polish accuracy) to keep the test short.
-    assert cli.main(["demo", "--out", str(out), "--rounds", "8", "--quiet"]) == 0
+    # The README's command with its default settings (10 rounds). Clean accuracy moves by a
+    # few points from round to round (0.90 after round 8, 0.95 after rounds 9 and 10 on the
+    # 2-core CPU), so the test checks the run a user gets, not a shortened one.
+    assert cli.main(["demo", "--out", str(out), "--quiet"]) == 0
     rep = json.loads((out / "report.json").read_text())
     poisoned, final = rep["rows"][0], rep["rows"][-1]
     assert poisoned["asr_all"] >= 0.9 and poisoned["clean_acc"] >= 0.9, poisoned
