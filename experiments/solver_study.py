@@ -25,8 +25,8 @@ relabelled to 8), with the faithful configuration (``IBAUConfig.faithful()``):
    (Up to 2026-11-26 the library's ``normal_cg``, ``gmres`` and ``bicgstab`` were jaxopt's /
    jax.scipy's, which transpose the matvec and could not be traced on the model's
    ``custom_vjp`` conv; the JSON of that run records the error and the study used local
-   equivalents. The library's own transpose-free solvers replaced them.) Also, for every outer batch at θ₀, the exact
-   hypergradient against Neumann K=5 and K=20 (same A, one LU).
+   equivalents. The library's own transpose-free solvers replaced them.) Also, for every
+   outer batch at θ₀, the exact hypergradient against Neumann K=5 and K=20 (same A, one LU).
 4. One whole faithful round (50 outer steps, ``ibau.make_round``) per solver setting, same
    masks: clean accuracy, ``asr_all``, ``asr_nontarget``, seconds. (A dense solve per outer step
    would cost 3,072 VJPs × 50 steps: not run; the JSON states the estimate.)
@@ -52,7 +52,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp

@@ -40,7 +40,8 @@ PyTree = Any
 Solve = Callable[[Callable[[PyTree], PyTree], PyTree], PyTree]
 
 _UNROLL_MAX = 16
-SOLVERS = ("neumann", "normal_cg", "gmres", "cg", "bicgstab", "dense")
+KRYLOV = ("normal_cg", "gmres", "cg", "bicgstab")
+SOLVERS = ("neumann", *KRYLOV, "dense")
 
 
 def neumann(K: int, step: float = 1.0) -> Solve:
@@ -207,16 +208,16 @@ def krylov(name: str, tol: float = 1e-6, maxiter: int | None = None,
     from one ``jax.vjp`` of the (linear) matvec. The returned function carries
     ``.with_iterations(matvec, b) -> (x, iterations)``.
     """
-    if name not in ("cg", "normal_cg", "gmres", "bicgstab"):
-        raise ValueError(f"unknown Krylov solver {name!r}; choose cg, normal_cg, gmres or bicgstab")
+    if name not in KRYLOV:
+        raise ValueError(f"unknown Krylov solver {name!r}; choose one of {', '.join(KRYLOV)}")
 
     def run(matvec, b):
         if name == "normal_cg":
             b_flat, unravel, mv = _flat_system(matvec, b, None)
             _, vjp = jax.vjp(mv, jnp.zeros_like(b_flat))   # mv is linear: its VJP is Aᵀ
             at = lambda y: vjp(y)[0]
-            normal = (lambda v: at(mv(v))) if ridge is None else (lambda v: at(mv(v)) + ridge * v)
-            rhs, op = at(b_flat), normal
+            op = (lambda v: at(mv(v))) if ridge is None else (lambda v: at(mv(v)) + ridge * v)
+            rhs = at(b_flat)
         else:
             rhs, unravel, op = _flat_system(matvec, b, ridge)
         cap = 10 * rhs.shape[0] if maxiter is None else maxiter
@@ -228,19 +229,21 @@ def krylov(name: str, tol: float = 1e-6, maxiter: int | None = None,
             x, k = _bicgstab(op, rhs, tol, cap)
         return unravel(x), k
 
-    def solve(matvec, b):
+    def with_iterations(matvec, b):
         # Registered with lax.custom_linear_solve so that grad-of-grad differentiates the
         # solve implicitly; that needs jax.linear_transpose(matvec) (cg: symmetric, none),
         # which custom_vjp layers do not allow: there the solve is returned undifferentiable.
-        inner = lambda mv, bb: run(mv, bb)[0]
         if name == "cg":
-            return jax.lax.custom_linear_solve(matvec, b, inner, symmetric=True)
+            return jax.lax.custom_linear_solve(matvec, b, run, symmetric=True, has_aux=True)
         try:
-            return jax.lax.custom_linear_solve(matvec, b, inner, transpose_solve=inner)
+            return jax.lax.custom_linear_solve(matvec, b, run, transpose_solve=run, has_aux=True)
         except NotImplementedError:
-            return inner(matvec, b)
+            return run(matvec, b)
 
-    solve.with_iterations = run
+    def solve(matvec, b):
+        return with_iterations(matvec, b)[0]
+
+    solve.with_iterations = with_iterations
     return solve
 
 
@@ -257,7 +260,7 @@ def make_solve(name: str, *, K: int = 5, step: float = 1.0, tol: float = 1e-6,
         return neumann(K, step)
     if name == "dense":
         return dense_solve
-    if name in ("normal_cg", "gmres", "cg", "bicgstab"):
+    if name in KRYLOV:
         return krylov(name, tol=tol, maxiter=maxiter, ridge=ridge)
     raise ValueError(f"unknown solver {name!r}; choose one of {', '.join(SOLVERS)}")
 
