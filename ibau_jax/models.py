@@ -18,6 +18,43 @@ BN_EPS = 1e-5
 BN_MOMENTUM = 0.9
 
 
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+    """2x2, stride-2 max pooling as element-wise selects; the first maximum in the window wins.
+
+    Shapes: x (N, H, W, C) with H, W even -> (N, H/2, W/2, C). Same values as
+    ``nn.max_pool(x, (2, 2), strides=(2, 2))`` and the same derivatives of every order, ties
+    included: the gradient goes to the first maximal element in row-major window order, as
+    in XLA's ``select_and_scatter`` and PyTorch's ``max_pool2d``. (``jnp.max`` would split a
+    tie evenly; ties are common where saturated image regions make neighbouring activations
+    equal.) Why: the derivatives of ``reduce_window`` are ``select_and_scatter`` ops that
+    XLA's CPU backend runs slowly inside the I-BAU round (docs/performance.md); selects
+    are element-wise and fuse.
+    """
+    n, h, w, c = x.shape
+    if h % 2 or w % 2:
+        return nn.max_pool(x, (2, 2), strides=(2, 2))
+    v = x.reshape(n, h // 2, 2, w // 2, 2, c)
+    is_max = v == jnp.max(v, axis=(2, 4), keepdims=True)
+    # First maximum in row-major window order: weight the tied positions 8, 4, 2, 1, keep the largest.
+    order = jnp.asarray([[8, 4], [2, 1]], jnp.int8).reshape(1, 1, 2, 1, 2, 1)
+    score = jnp.where(is_max, order, jnp.int8(0))
+    first = score == jnp.max(score, axis=(2, 4), keepdims=True)
+    # The mask is piecewise constant in x, so every derivative flows to the selected element
+    # through a broadcast and a select (no pads or scatters).
+    return jnp.sum(jnp.where(first, v, jnp.zeros((), v.dtype)), axis=(2, 4))
+
+
+def elu(x: jax.Array) -> jax.Array:
+    """ELU with α = 1: x for x > 0, eˣ − 1 otherwise.
+
+    ``nn.elu`` (and PyTorch) use ``expm1``, which XLA's CPU backend runs slowly; ``exp`` it
+    vectorizes, and a faithful I-BAU round evaluates ELU and its derivatives many times per
+    step (docs/performance.md). The two differ by about one float32 ulp of 1 (1e-7) in
+    absolute value at most.
+    """
+    return jnp.where(x > 0, x, jnp.exp(jnp.minimum(x, 0.0)) - 1.0)
+
+
 class Conv3x3(nn.Module):
     """3x3 'SAME' conv with bias, parameters named and shaped like ``nn.Conv`` (kernel HWIO).
 
@@ -68,9 +105,9 @@ class SmallVGG(nn.Module):
                 x = Conv3x3(width, self.conv_impl, name=f"conv{i}")(x)
                 x = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
                                  epsilon=BN_EPS, name=f"bn{i}")(x)
-                x = nn.elu(x)
+                x = elu(x)
                 i += 1
-            x = nn.max_pool(x, (2, 2), strides=(2, 2))
+            x = max_pool_2x2(x)
             x = nn.Dropout(rate, deterministic=not train)(x)
         x = jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)
         return nn.Dense(self.num_classes, name="classifier")(x)

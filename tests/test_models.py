@@ -112,3 +112,38 @@ def test_unknown_model_lists_choices():
         models.get_model("resnet999", 10)
     for name in ("small_vgg", "preact_resnet18", "resnet18"):
         assert name in str(e.value)
+
+
+def _pool_ref(x):
+    import flax.linen as nn
+    return nn.max_pool(x, (2, 2), strides=(2, 2))
+
+
+def test_max_pool_2x2_matches_reduce_window_with_ties():
+    """Values, gradient and Hessian-vector product equal nn.max_pool's, on data full of ties
+    (the first maximum of a window gets the whole gradient, not a share)."""
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(0)
+        x = jnp.asarray(rng.integers(0, 3, (2, 8, 6, 3)).astype(np.float64))   # 3 values: many ties
+        w = jnp.asarray(rng.normal(size=(2, 4, 3, 3)))
+        v = jnp.asarray(rng.normal(size=x.shape))
+        f = lambda pool: (lambda x: jnp.sum(jnp.sin(pool(x)) * w))
+        np.testing.assert_array_equal(models.max_pool_2x2(x), _pool_ref(x))
+        g, g_ref = jax.grad(f(models.max_pool_2x2))(x), jax.grad(f(_pool_ref))(x)
+        assert int(jnp.sum(g_ref != 0)) == 2 * 4 * 3 * 3   # one nonzero per window: first-wins
+        np.testing.assert_array_equal(g, g_ref)
+        hvp = lambda pool: jax.grad(lambda x: jnp.vdot(jax.grad(f(pool))(x), v))(x)
+        np.testing.assert_allclose(hvp(models.max_pool_2x2), hvp(_pool_ref), rtol=1e-12, atol=1e-12)
+
+
+def test_max_pool_2x2_odd_shape_falls_back():
+    x = jnp.arange(2 * 5 * 4 * 1, dtype=jnp.float32).reshape(2, 5, 4, 1)
+    np.testing.assert_array_equal(models.max_pool_2x2(x), _pool_ref(x))
+
+
+def test_elu_matches_expm1_elu():
+    import flax.linen as nn
+    x = jnp.linspace(-20.0, 5.0, 10001, dtype=jnp.float32)
+    np.testing.assert_allclose(models.elu(x), nn.elu(x), rtol=0, atol=2e-7)
+    d, d_ref = jax.vmap(jax.grad(models.elu))(x), jax.vmap(jax.grad(nn.elu))(x)
+    np.testing.assert_allclose(d, d_ref, rtol=0, atol=2e-7)
