@@ -1,6 +1,7 @@
 """Time one faithful I-BAU round in JAX against the PyTorch reference, on the same data.
 
     python benchmarks/round_time.py [--shared ../shared] [--limit-batches B] [--skip-torch] [--host-devices N]
+                                     [--torch-device cpu|cuda]
 
 Both implementations start from the authors' BadNets checkpoint, use the clean set
 (test images 0..4999 in batches of 100), the same perturbed index per outer batch, K=5 and
@@ -61,6 +62,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-torch", action="store_true")
     ap.add_argument("--torch-threads", type=int, default=0, help="0 = torch's default")
+    ap.add_argument("--torch-device", default="cpu", help="cpu, or cuda on a GPU machine")
     ap.add_argument("--host-devices", type=int, default=1, help="XLA CPU devices, data-parallel (see above)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -129,7 +131,7 @@ def main() -> None:
 
         if args.torch_threads:
             torch.set_num_threads(args.torch_threads)
-        tm = torch_ibau.load_small_vgg(str(ckpt))
+        tm = torch_ibau.load_small_vgg(str(ckpt)).to(args.torch_device)
         opt = torch_ibau.make_optimizer(tm, cfg.outer_lr)
         t0 = time.perf_counter()
         tdelta, timings = torch_ibau.unlearn_round(tm, xb, yb, idx, K=cfg.K, eta=cfg.fp_step, reg=cfg.inner_reg,
@@ -139,7 +141,7 @@ def main() -> None:
         t_acc = torch_ibau.evaluate(tm, acc_x, acc_set.y)
         t_asr = torch_ibau.evaluate(tm, asr_x, asr_t)
         # parameter agreement, in flax layout
-        sd = {k: v.detach().numpy() for k, v in tm.state_dict().items()}
+        sd = {k: v.detach().cpu().numpy() for k, v in tm.state_dict().items()}
         conv_idx, bn_idx = (0, 3, 8, 11, 16, 19), (1, 4, 9, 12, 17, 20)
         pairs = []
         for i, (c, b) in enumerate(zip(conv_idx, bn_idx)):
@@ -151,7 +153,7 @@ def main() -> None:
         pairs.append((out.params["classifier"]["bias"], sd["classifier.bias"]))
         a = np.concatenate([np.asarray(p).ravel() for p, _ in pairs])
         b = np.concatenate([q.ravel() for _, q in pairs])
-        result["torch"] = {"threads": torch.get_num_threads(), "round_s": torch_s, "search_s": timings["search_s"],
+        result["torch"] = {"threads": torch.get_num_threads(), "device": args.torch_device, "round_s": torch_s, "search_s": timings["search_s"],
                            "per_step_s": timings["unlearn_s"] / B, "clean_acc": t_acc, "asr_all": t_asr,
                            "delta_norm": float(np.linalg.norm(tdelta))}
         result["agreement"] = {
@@ -172,7 +174,8 @@ def main() -> None:
     print(f"| JAX ({backend}) | {j['round_s']:.1f} | {j['per_step_s']:.3f} | {j['clean_acc']:.4f} | {j['asr_all']:.4f} |")
     if "torch" in result:
         t = result["torch"]
-        print(f"| PyTorch ({t['threads']} thr) | {t['round_s']:.1f} | {t['per_step_s']:.3f} | "
+        where = t["device"] if t["device"] != "cpu" else f"{t['threads']} thr"
+        print(f"| PyTorch ({where}) | {t['round_s']:.1f} | {t['per_step_s']:.3f} | "
               f"{t['clean_acc']:.4f} | {t['asr_all']:.4f} |")
         print(f"\nJAX/PyTorch time ratio {result['ratio_jax_over_torch']:.3f}; "
               f"δ rel. diff {result['agreement']['delta_rel_err']:.2e}; "

@@ -2,6 +2,7 @@
 
     python benchmarks/train_throughput.py [--batch-size 128] [--steps 10] [--epochs 2]
                                           [--torch-steps 20] [--torch-threads 0] [--skip-torch]
+                                          [--torch-device cpu|cuda]
 
 What is timed, on CIFAR-sized random data (x uniform in [0, 1], shape (B, 32, 32, 3); 10 classes):
 
@@ -18,21 +19,16 @@ Augmentation is off on both sides (``crop_pad=0, flip=False``) so the work is th
 reported separately. Writes ``benchmarks/results/train_throughput_<backend>.json`` and prints a
 markdown table with images/s and the JAX/PyTorch ratio.
 
-What bounds the ratio on CPU: nearly all of a step is convolution (forward, input gradient and
-kernel gradient of six 3x3 convs). PyTorch runs those through oneDNN's blocked, JIT-generated
-kernels; XLA:CPU runs its canonical NHWC/HWIO convolution through Eigen's tensor contraction,
-which is several times slower for these shapes. On this (2-core, shared) machine a forward+backward
-of the small VGG on 100 images measured 0.35 s in XLA against 0.12 s in PyTorch, so JAX cannot
-be expected to exceed roughly 1/3 of PyTorch's images/s here, whatever is done around the convs
-(fusion of BN/ELU/optimizer updates and the absence of Python overhead in the scan only recover
-the non-conv share, which is small). That bound holds on an idle machine only: the cores here
-are shared with other jobs, and when they are oversubscribed (load average > cores) PyTorch's
-intra-op thread pool appeared to degrade more than XLA's (the same torch forward+backward on 100 images
-took 0.88 s at load 3.1 on 2 cores), so the measured ratio can even exceed 1. The load average
-before and after the run is recorded in the JSON; compare ratios only from runs at low load.
-``ibau_jax.conv`` is what keeps the scan version at the
-speed of the plain jitted step (without it, the gradients inside ``lax.scan`` fall back to a naive
-loop convolution). On GPU the ratio is bound by cuDNN on both sides instead.
+What bounds the ratio on CPU: most of a step is convolution (forward, input gradient and
+kernel gradient of six 3x3 convs). PyTorch runs those through oneDNN's kernels; XLA:CPU runs
+its canonical NHWC/HWIO convolution through Eigen (170–200 GFLOP/s for these shapes,
+docs/performance.md). With the chunked kernel gradient and the select-based max pooling and
+``exp`` ELU of ``ibau_jax.models``, the scan epoch reached 0.97× PyTorch's images/s on the
+idle 2-core CPU (2026-12-03, docs/results.md); before them it was 0.45×. Compare ratios from
+one run only: when the cores are oversubscribed, PyTorch's thread pool degrades more than XLA's.
+
+``--torch-device cuda`` runs the PyTorch loop on the GPU (for the GPU comparison; JAX uses its
+default backend).
 """
 from __future__ import annotations
 
@@ -99,18 +95,19 @@ def bench_jax(x: np.ndarray, y: np.ndarray, batch: int, steps: int, epochs: int)
     }
 
 
-def bench_torch(x: np.ndarray, y: np.ndarray, batch: int, steps: int, threads: int) -> dict:
+def bench_torch(x: np.ndarray, y: np.ndarray, batch: int, steps: int, threads: int, device: str = "cpu") -> dict:
     import torch
     import torch_ibau
 
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = torch_ibau.SmallVGG(10).float()
+    model = torch_ibau.SmallVGG(10).float().to(device)
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-    xb = torch.from_numpy(np.ascontiguousarray(x[:batch].transpose(0, 3, 1, 2)))
-    yb = torch.from_numpy(y[:batch].astype(np.int64))
+    xb = torch.from_numpy(np.ascontiguousarray(x[:batch].transpose(0, 3, 1, 2))).to(device)
+    yb = torch.from_numpy(y[:batch].astype(np.int64)).to(device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
     def one():
         opt.zero_grad(set_to_none=True)
@@ -121,12 +118,14 @@ def bench_torch(x: np.ndarray, y: np.ndarray, batch: int, steps: int, threads: i
 
     for _ in range(2):                              # warm-up
         one()
+    sync()
     t0 = time.perf_counter()
     for _ in range(steps):
         loss = one().detach()
+    sync()
     s = (time.perf_counter() - t0) / steps
     assert np.isfinite(float(loss)), "PyTorch training diverged"
-    return {"threads": torch.get_num_threads(), "version": torch.__version__, "s_per_step": s,
+    return {"threads": torch.get_num_threads(), "device": device, "version": torch.__version__, "s_per_step": s,
             "images_per_s": batch / s, "steps": steps}
 
 
@@ -138,6 +137,7 @@ def main() -> None:
     ap.add_argument("--torch-steps", type=int, default=20)
     ap.add_argument("--torch-threads", type=int, default=0, help="0 = torch's default")
     ap.add_argument("--skip-torch", action="store_true")
+    ap.add_argument("--torch-device", default="cpu", help="cpu, or cuda on a GPU machine")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -155,7 +155,8 @@ def main() -> None:
         "jax": bench_jax(x, y, args.batch_size, args.steps, args.epochs),
     }
     if not args.skip_torch:
-        result["torch"] = bench_torch(x, y, args.batch_size, args.torch_steps, args.torch_threads)
+        result["torch"] = bench_torch(x, y, args.batch_size, args.torch_steps, args.torch_threads,
+                                      args.torch_device)
         t = result["torch"]["images_per_s"]
         result["ratio_jax_over_torch"] = {"step": result["jax"]["step"]["images_per_s"] / t,
                                           "scan_epoch": result["jax"]["scan_epoch"]["images_per_s"] / t}

@@ -88,18 +88,22 @@ def _dtype(model: nn.Module) -> torch.dtype:
     return next(model.parameters()).dtype
 
 
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 def _nchw(model: nn.Module, x_nhwc) -> torch.Tensor:
-    """numpy/tensor NHWC -> contiguous NCHW tensor in the model's dtype."""
-    x = torch.as_tensor(np.asarray(x_nhwc)).to(_dtype(model))
+    """numpy/tensor NHWC -> contiguous NCHW tensor in the model's dtype, on the model's device."""
+    x = torch.as_tensor(np.asarray(x_nhwc)).to(device=_device(model), dtype=_dtype(model))
     return x.permute(0, 3, 1, 2).contiguous()
 
 
 def _nhwc_np(t: torch.Tensor) -> np.ndarray:
-    return t.detach().permute(0, 2, 3, 1).contiguous().numpy()
+    return t.detach().permute(0, 2, 3, 1).contiguous().cpu().numpy()
 
 
-def _labels(y) -> torch.Tensor:
-    return torch.as_tensor(np.asarray(y)).long()
+def _labels(y, device: torch.device | str = "cpu") -> torch.Tensor:
+    return torch.as_tensor(np.asarray(y)).long().to(device)
 
 
 def _trainable(model: nn.Module) -> tuple[list[str], list[torch.Tensor]]:
@@ -111,7 +115,7 @@ def logits(model: nn.Module, x_nhwc, batch_size: int = 500) -> np.ndarray:
     """f(x) for x NHWC (N, H, W, C) -> (N, num_classes) numpy, no grad."""
     x = _nchw(model, x_nhwc)
     with torch.no_grad():
-        return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]).numpy()
+        return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]).cpu().numpy()
 
 
 def evaluate(model: nn.Module, x_nhwc, y, batch_size: int = 500) -> float:
@@ -142,10 +146,10 @@ def outer_loss(model: nn.Module, delta: torch.Tensor, x: torch.Tensor, y: torch.
     return F.cross_entropy(model(x + mask * delta), y)
 
 
-def _mask(n: int, perturbed_idx, dtype: torch.dtype) -> torch.Tensor:
+def _mask(n: int, perturbed_idx, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
     m = torch.zeros(n, 1, 1, 1, dtype=dtype)
     m[torch.as_tensor(np.asarray(perturbed_idx, dtype=np.int64)).reshape(-1)] = 1.0
-    return m
+    return m.to(device)
 
 
 # ----------------------------------------------------------------------------
@@ -187,10 +191,11 @@ def hypergradient(model: nn.Module, delta_nhwc, x_outer, y_outer, perturbed_idx,
     """
     names, params = _trainable(model)
     x_o, x_i = _nchw(model, x_outer), _nchw(model, x_inner)
-    mask = _mask(x_o.shape[0], perturbed_idx, x_o.dtype)
-    grads = _hypergradient(model, params, _nchw(model, delta_nhwc), x_o, _labels(y_outer), mask,
-                           x_i, _labels(y_inner), K, eta, reg)
-    return {n: g.detach().numpy().copy() for n, g in zip(names, grads)}
+    dev = _device(model)
+    mask = _mask(x_o.shape[0], perturbed_idx, x_o.dtype, dev)
+    grads = _hypergradient(model, params, _nchw(model, delta_nhwc), x_o, _labels(y_outer, dev), mask,
+                           x_i, _labels(y_inner, dev), K, eta, reg)
+    return {n: g.detach().cpu().numpy().copy() for n, g in zip(names, grads)}
 
 
 # ----------------------------------------------------------------------------
@@ -201,7 +206,7 @@ def hypergradient(model: nn.Module, delta_nhwc, x_outer, y_outer, perturbed_idx,
 def _perturbation_search(model, x_batches_nchw, lr, reg) -> torch.Tensor:
     """δ = 0; per batch: y = argmax f(x); one SGD step (lr) on −CE(f(x+δ), y) + reg‖δ‖₂²."""
     delta = torch.zeros((1,) + tuple(x_batches_nchw[0].shape[1:]), dtype=x_batches_nchw[0].dtype,
-                        requires_grad=True)
+                        device=x_batches_nchw[0].device, requires_grad=True)
     opt = torch.optim.SGD([delta], lr=lr)
     for x in x_batches_nchw:
         with torch.no_grad():
@@ -252,13 +257,15 @@ def unlearn_round(model: nn.Module, x_clean_batches, y_clean_batches, perturbed_
         optimizer = make_optimizer(model, outer_lr)
     model.eval()
     xs = [_nchw(model, x) for x in x_clean_batches]
-    ys = [_labels(y) for y in y_clean_batches]
+    ys = [_labels(y, _device(model)) for y in y_clean_batches]
+    sync = torch.cuda.synchronize if _device(model).type == "cuda" else (lambda: None)  # honest timings
     _, params = _trainable(model)
 
     t0 = time.perf_counter()
     delta = _perturbation_search(model, xs, search_lr, reg)
     if radius is not None:
         delta = project_l2(delta, radius)
+    sync()
     t_search = time.perf_counter() - t0
 
     steps = range(len(xs))
@@ -269,12 +276,13 @@ def unlearn_round(model: nn.Module, x_clean_batches, y_clean_batches, perturbed_
     t1 = time.perf_counter()
     for b in steps:
         ts = time.perf_counter()
-        mask = _mask(xs[b].shape[0], perturbed_idx_per_batch[b], xs[b].dtype)
+        mask = _mask(xs[b].shape[0], perturbed_idx_per_batch[b], xs[b].dtype, xs[b].device)
         grads = _hypergradient(model, params, delta, xs[b], ys[b], mask, xs[0], ys[0], K, eta, reg)
         optimizer.zero_grad(set_to_none=True)
         for p, g in zip(params, grads):
             p.grad = g.detach()
         optimizer.step()
+        sync()
         step_times.append(time.perf_counter() - ts)
     t_unlearn = time.perf_counter() - t1
 
