@@ -35,11 +35,13 @@ from ibau_jax.cli import write_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 LIBRARY = {"max_pool_2x2": models.max_pool_2x2, "elu": models.elu, "conv3x3": models.conv3x3}
+OLD_POOL = {"max_pool_2x2": lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))}
+OLD_ELU = {"elu": nn.elu}
 VARIANTS = {
     "library": {},
-    "reduce_window pool": {"max_pool_2x2": lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))},
-    "expm1 elu": {"elu": nn.elu},
-    "both old": {"max_pool_2x2": lambda x: nn.max_pool(x, (2, 2), strides=(2, 2)), "elu": nn.elu},
+    "reduce_window pool": OLD_POOL,
+    "expm1 elu": OLD_ELU,
+    "both old": {**OLD_POOL, **OLD_ELU},
     "1x1 convs": {"conv3x3": lambda x, w: jnp.einsum("nhwc,co->nhwo", x, w[1, 1])},
 }
 
@@ -77,14 +79,16 @@ def main() -> None:
     inputs = (params, bs, cfg.outer_tx().init(params), xb, yb, masks)
 
     rows = []
-    for name, patch in VARIANTS.items():
-        for attr, fn in {**LIBRARY, **patch}.items():   # SmallVGG looks these names up at trace time
+    try:
+        for name, patch in VARIANTS.items():
+            for attr, fn in {**LIBRARY, **patch}.items():   # SmallVGG looks these names up at trace time
+                setattr(models, attr, fn)
+            compile_s, run_s = time_round(models.get_model("small_vgg", 10), cfg, inputs, args.reps)
+            rows.append({"variant": name, "per_batch_s": run_s / args.batches, "compile_s": compile_s})
+            print(rows[-1], flush=True)
+    finally:   # leave the module as shipped, also after an error or Ctrl-C
+        for attr, fn in LIBRARY.items():
             setattr(models, attr, fn)
-        compile_s, run_s = time_round(models.get_model("small_vgg", 10), cfg, inputs, args.reps)
-        rows.append({"variant": name, "per_batch_s": run_s / args.batches, "compile_s": compile_s})
-        print(rows[-1], flush=True)
-    for attr, fn in LIBRARY.items():
-        setattr(models, attr, fn)
 
     result = {"backend": jax.default_backend(), "cpu_count": os.cpu_count(), "jax_version": jax.__version__,
               "batches": args.batches, "reps": args.reps, "rows": rows}
