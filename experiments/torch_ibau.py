@@ -1,7 +1,10 @@
 """Independent PyTorch implementation of I-BAU (Zeng et al., ICLR 2022).
 
 Written from ``shared/ALGORITHM.md``; used as the parity reference for the JAX
-implementation (``tests/``) and as the PyTorch baseline in benchmarks.
+implementation (``tests/``) and as the PyTorch baseline in benchmarks. Two organisations
+of the same computation: ``structure='lean'`` (one outer backward pass, no multiplication
+of the zero vector) and ``structure='original'`` (the authors' code's organisation, whose
+extra work is what benchmarks/round_time.py times as the original's cost).
 
 Conventions at the public boundary: numpy in / numpy out, images NHWC float
 in [0, 1] (transposed internally to NCHW), perturbation ``delta`` of shape
@@ -171,9 +174,10 @@ def _hypergradient(model, params, delta, x_o, y_o, mask, x_i, y_i, K, eta, reg) 
     g_inner = torch.autograd.grad(inner_loss(model, delta, x_i, y_i, reg), delta, create_graph=True)[0]
     phi = delta - eta * g_inner
 
-    # v_{k+1} = (∂Φ/∂δ)ᵀ v_k + ∇_δ L_outer, v_0 = 0  (vector-Jacobian products through Φ).
-    v = torch.zeros_like(delta)
-    for _ in range(K):
+    # v_{k+1} = (∂Φ/∂δ)ᵀ v_k + ∇_δ L_outer, v_0 = 0  (vector-Jacobian products through Φ);
+    # v_1 = ∇_δ L_outer exactly, so the VJP of the zero vector is skipped.
+    v = g_delta
+    for _ in range(K - 1):
         v = torch.autograd.grad(phi, delta, grad_outputs=v, retain_graph=True)[0] + g_delta
 
     # ∇_θ L_outer + (∂Φ/∂θ)ᵀ v_K.
@@ -181,21 +185,63 @@ def _hypergradient(model, params, delta, x_o, y_o, mask, x_i, y_i, K, eta, reg) 
     return [g + (0.0 if h is None else h.detach()) for g, h in zip(g_theta, implicit)]
 
 
+def _hypergradient_original(model, params, delta, x_o, y_o, mask, x_i, y_i, K, eta, reg,
+                            tol: float = 1e-10) -> list[torch.Tensor]:
+    """The same K-step hypergradient, computed with the original code's structure.
+
+    Same math as :func:`_hypergradient`, but organised as the authors' hypergrad module is
+    (ALGORITHM.md; issue 2 describes its costs), so that benchmarks can time it:
+    ∇_δ L_outer and ∇_θ L_outer come from two separate backward passes over a retained
+    graph; the iteration starts from v_0 = 0, so its first VJP multiplies a zero vector;
+    after every iteration the norm ‖v_k − v_{k−1}‖ is read on the host and the loop stops
+    early below ``tol`` (1e-10, in practice never).
+    """
+    delta = delta.detach().requires_grad_(True)
+    lo = outer_loss(model, delta, x_o, y_o, mask)
+    g_delta = torch.autograd.grad(lo, delta, retain_graph=True, allow_unused=True)[0]
+    g_delta = torch.zeros_like(delta) if g_delta is None else g_delta
+    g_theta = torch.autograd.grad(lo, params, retain_graph=True, allow_unused=True)
+    g_theta = [torch.zeros_like(p) if g is None else g for p, g in zip(params, g_theta)]
+
+    g_inner = torch.autograd.grad(inner_loss(model, delta, x_i, y_i, reg), delta, create_graph=True)[0]
+    phi = delta - eta * g_inner
+    v = torch.zeros_like(delta)
+    for _ in range(K):
+        v_prev = v
+        v = torch.autograd.grad(phi, delta, grad_outputs=v, retain_graph=True)[0] + g_delta
+        if float(torch.norm(v - v_prev)) < tol:  # a host synchronisation per iteration
+            break
+    implicit = torch.autograd.grad(phi, params, grad_outputs=v, allow_unused=True)
+    return [g + (0.0 if h is None else h.detach()) for g, h in zip(g_theta, implicit)]
+
+
+STRUCTURES = ("lean", "original")
+
+
 def hypergradient(model: nn.Module, delta_nhwc, x_outer, y_outer, perturbed_idx, x_inner, y_inner,
-                  K: int = 5, eta: float = 0.1, reg: float = 1e-3) -> dict[str, np.ndarray]:
+                  K: int = 5, eta: float = 0.1, reg: float = 1e-3, structure: str = "lean") -> dict[str, np.ndarray]:
     """K-step fixed-point hypergradient of L_outer wrt the model's trainable parameters.
 
     delta_nhwc (1, H, W, C); x_outer/x_inner (N, H, W, C); y_* (N,) int; perturbed_idx:
     indices i of the outer batch with m_i = 1.  Returns {state_dict name: array} in
     PyTorch layout (conv OIHW, linear (out, in)).  Does not modify the model.
+    ``structure``: 'lean' (one outer backward pass) or 'original' (the authors' structure,
+    :func:`_hypergradient_original`); the two agree to rounding.
     """
+    hg = _hypergradient_fn(structure)
     names, params = _trainable(model)
     x_o, x_i = _nchw(model, x_outer), _nchw(model, x_inner)
     dev = _device(model)
     mask = _mask(x_o.shape[0], perturbed_idx, x_o.dtype, dev)
-    grads = _hypergradient(model, params, _nchw(model, delta_nhwc), x_o, _labels(y_outer, dev), mask,
-                           x_i, _labels(y_inner, dev), K, eta, reg)
+    grads = hg(model, params, _nchw(model, delta_nhwc), x_o, _labels(y_outer, dev), mask,
+               x_i, _labels(y_inner, dev), K, eta, reg)
     return {n: g.detach().cpu().numpy().copy() for n, g in zip(names, grads)}
+
+
+def _hypergradient_fn(structure: str):
+    if structure not in STRUCTURES:
+        raise ValueError(f"unknown structure {structure!r}; choose one of {', '.join(STRUCTURES)}")
+    return _hypergradient if structure == "lean" else _hypergradient_original
 
 
 # ----------------------------------------------------------------------------
@@ -214,6 +260,24 @@ def _perturbation_search(model, x_batches_nchw, lr, reg) -> torch.Tensor:
         loss = -F.cross_entropy(model(x + delta), y_pred) + reg * delta.pow(2).sum()
         delta.grad = torch.autograd.grad(loss, delta)[0]  # θ.grad untouched
         opt.step()
+    return delta.detach()
+
+
+def _perturbation_search_original(model, x_batches_nchw, lr, reg) -> torch.Tensor:
+    """:func:`_perturbation_search` with the original code's structure (same δ, more work):
+    the label forward pass records an autograd graph, and ``loss.backward()`` computes the
+    gradients of every model parameter too (accumulated in ``.grad``, cleared here after)."""
+    delta = torch.zeros((1,) + tuple(x_batches_nchw[0].shape[1:]), dtype=x_batches_nchw[0].dtype,
+                        device=x_batches_nchw[0].device, requires_grad=True)
+    opt = torch.optim.SGD([delta], lr=lr)
+    for x in x_batches_nchw:
+        y_pred = torch.argmax(model(x), dim=1).long()
+        loss = -F.cross_entropy(model(x + delta), y_pred) + reg * torch.pow(torch.norm(delta), 2)
+        opt.zero_grad()
+        loss.backward(retain_graph=True)
+        opt.step()
+    for p in model.parameters():
+        p.grad = None
     return delta.detach()
 
 
@@ -237,7 +301,7 @@ def make_optimizer(model: nn.Module, lr: float = 1e-3) -> torch.optim.Optimizer:
 def unlearn_round(model: nn.Module, x_clean_batches, y_clean_batches, perturbed_idx_per_batch,
                   K: int = 5, eta: float = 0.1, reg: float = 1e-3, outer_lr: float = 1e-3,
                   search_lr: float = 10.0, radius: float | None = 10.0, optimizer=None,
-                  progress: bool = False, adam_state=None):
+                  progress: bool = False, adam_state=None, structure: str = "lean"):
     """One I-BAU round, modifying ``model`` in place.
 
     1. δ ← perturbation_search (SGD lr ``search_lr``, predicted labels);
@@ -249,9 +313,14 @@ def unlearn_round(model: nn.Module, x_clean_batches, y_clean_batches, perturbed_
     ``optimizer`` (or its alias ``adam_state``): a torch optimizer over model.parameters(),
     e.g. ``make_optimizer(model)``; pass the same one every round to keep Adam's moments
     across rounds, as the original does.  None: a fresh Adam(``outer_lr``) for this round.
+    ``structure``: 'lean' (default) or 'original': the same round organised as the original
+    code is (:func:`_perturbation_search_original`, :func:`_hypergradient_original`), to time
+    the original's cost on the same data; results agree to rounding.
     Returns (delta NHWC (1, H, W, C) numpy, timings) with timings = {'search_s': float,
     'unlearn_s': float, 'step_s': [seconds per hypergradient+Adam step]}.
     """
+    hg = _hypergradient_fn(structure)
+    search = _perturbation_search if structure == "lean" else _perturbation_search_original
     optimizer = optimizer if optimizer is not None else adam_state
     if optimizer is None:
         optimizer = make_optimizer(model, outer_lr)
@@ -262,7 +331,7 @@ def unlearn_round(model: nn.Module, x_clean_batches, y_clean_batches, perturbed_
     _, params = _trainable(model)
 
     t0 = time.perf_counter()
-    delta = _perturbation_search(model, xs, search_lr, reg)
+    delta = search(model, xs, search_lr, reg)
     if radius is not None:
         delta = project_l2(delta, radius)
     sync()
@@ -277,7 +346,7 @@ def unlearn_round(model: nn.Module, x_clean_batches, y_clean_batches, perturbed_
     for b in steps:
         ts = time.perf_counter()
         mask = _mask(xs[b].shape[0], perturbed_idx_per_batch[b], xs[b].dtype, xs[b].device)
-        grads = _hypergradient(model, params, delta, xs[b], ys[b], mask, xs[0], ys[0], K, eta, reg)
+        grads = hg(model, params, delta, xs[b], ys[b], mask, xs[0], ys[0], K, eta, reg)
         optimizer.zero_grad(set_to_none=True)
         for p, g in zip(params, grads):
             p.grad = g.detach()
@@ -318,6 +387,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--K", type=int, default=5)
     ap.add_argument("--no-projection", action="store_true", help="skip the L2 projection (as defense.py)")
     ap.add_argument("--progress", action="store_true")
+    ap.add_argument("--structure", choices=STRUCTURES, default="lean",
+                    help="'original': organise the round as the authors' code does (for timing)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
 
@@ -342,13 +413,13 @@ def main(argv=None) -> dict:
     before = measure()
     print(f"before: acc {before['acc']:.4f}  asr {before['asr']:.4f}", flush=True)
     result = {"framework": "torch", "torch_version": torch.__version__, "threads": torch.get_num_threads(),
-              "seed": args.seed, "batches": nb, "K": args.K, "projection": not args.no_projection,
+              "seed": args.seed, "batches": nb, "K": args.K, "structure": args.structure, "projection": not args.no_projection,
               "before": before, "rounds": []}
     optimizer = make_optimizer(model, 1e-3)  # one Adam for all rounds, as in the original
     for r in range(args.rounds):
         idx = [rng.integers(0, 100, size=1) for _ in range(nb)]
         delta, tm = unlearn_round(model, xb, yb, idx, K=args.K, radius=None if args.no_projection else 10.0,
-                                  optimizer=optimizer, progress=args.progress)
+                                  optimizer=optimizer, progress=args.progress, structure=args.structure)
         after = measure()
         steps = tm["step_s"]
         rec = {"round": r, "acc": after["acc"], "asr": after["asr"], "search_s": tm["search_s"],

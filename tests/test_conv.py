@@ -228,3 +228,18 @@ def test_inside_scan():
     g_ref = jax.grad(lambda w_: jnp.sum(jnp.sin(
         sum(jax.grad(_loss(lax_conv), 1)(xs[b], w_) for b in range(B)))))(w)
     assert rel_err(g_scan, g_ref) <= 1e-10
+
+
+def test_three_input_channels_run_as_four_on_cpu():
+    """On CPU an RGB input gets a zero 4th channel (XLA's conv is ~4x faster there); same values."""
+    x, w = rand(0, 2, 5, 5, 3, dtype=jnp.float32), rand(1, 3, 3, 3, 4, dtype=jnp.float32)
+    jaxpr = str(jax.make_jaxpr(conv3x3)(x, w))
+    padded = "f32[2,5,5,4]" in jaxpr and "f32[3,3,4,4]" in jaxpr
+    assert padded == (jax.default_backend() == "cpu")
+    np.testing.assert_allclose(conv3x3(x, w), einsum_conv(x, w), rtol=1e-5, atol=1e-5)
+    # gradients still come from the custom VJP, in the unpadded shapes
+    gx, gw = jax.grad(lambda a, b: jnp.sum(conv3x3(a, b) ** 2), argnums=(0, 1))(x, w)
+    assert gx.shape == x.shape and gw.shape == w.shape
+    rx, rw = jax.grad(lambda a, b: jnp.sum(lax_conv(a, b) ** 2), argnums=(0, 1))(x, w)
+    np.testing.assert_allclose(gx, rx, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(gw, rw, rtol=1e-4, atol=1e-4)

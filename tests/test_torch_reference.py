@@ -178,16 +178,17 @@ def rel_err(a, b):
     return float(torch.linalg.norm(a - b) / torch.linalg.norm(b))
 
 
-def run_hypergradient(model, data, K, eta, reg):
+def run_hypergradient(model, data, K, eta, reg, structure="lean"):
     return ti.hypergradient(model, data["delta"], data["x_outer"], data["y_outer"], data["perturbed_idx"],
-                            data["x_inner"], data["y_inner"], K=K, eta=eta, reg=reg)
+                            data["x_inner"], data["y_inner"], K=K, eta=eta, reg=reg, structure=structure)
 
 
+@pytest.mark.parametrize("structure", ti.STRUCTURES)
 @pytest.mark.parametrize("K", [1, 2, 5])
-def test_hypergradient_matches_dense_k_step(K):
+def test_hypergradient_matches_dense_k_step(K, structure):
     model, data = tiny_model(), tiny_data()
     dense = Dense(model, data, reg=1e-3)
-    got = run_hypergradient(model, data, K=K, eta=0.1, reg=1e-3)
+    got = run_hypergradient(model, data, K=K, eta=0.1, reg=1e-3, structure=structure)
     assert all(v.dtype == np.float64 for v in got.values())
     want = dense.k_step(K, eta=0.1)
     # the implicit term must matter, or this would only test ∇θ L_outer
@@ -256,8 +257,28 @@ def test_perturbation_search_matches_hand_sgd_steps():
     np.testing.assert_allclose(got2.transpose(0, 3, 1, 2).reshape(-1), d.numpy(), rtol=1e-10, atol=1e-12)
 
 
-def test_unlearn_round_equals_search_projection_and_adam_steps():
-    """Round = search, projection, then Adam steps (numpy Adam) with inner batch 0, true labels."""
+def test_original_structure_search_equals_lean_and_clears_parameter_grads():
+    model = tiny_model(1)
+    rng = np.random.default_rng(4)
+    xs = [torch.as_tensor(rng.uniform(size=(7, 3, 8, 8))) for _ in range(3)]
+    lean = ti._perturbation_search(model, xs, 10.0, 1e-3)
+    orig = ti._perturbation_search_original(model, xs, 10.0, 1e-3)
+    assert lean.abs().sum() > 0
+    torch.testing.assert_close(orig, lean, rtol=1e-12, atol=1e-14)
+    assert all(p.grad is None for p in model.parameters())  # the θ-gradients it computed are dropped
+
+
+def test_unknown_structure_is_rejected():
+    model, data = tiny_model(), tiny_data()
+    with pytest.raises(ValueError, match="unknown structure 'fast'.*lean, original"):
+        run_hypergradient(model, data, K=2, eta=0.1, reg=1e-3, structure="fast")
+
+
+@pytest.mark.parametrize("structure", ti.STRUCTURES)
+def test_unlearn_round_equals_search_projection_and_adam_steps(structure):
+    """Round = search, projection, then Adam steps (numpy Adam) with inner batch 0, true labels.
+
+    Both organisations of the round (``structure``) must give these numbers."""
     model = tiny_model(2)
     rng = np.random.default_rng(5)
     xs = [rng.uniform(size=(6, 8, 8, 3)) for _ in range(3)]
@@ -280,7 +301,8 @@ def test_unlearn_round_equals_search_projection_and_adam_steps():
                 step = lr * (m[n] / (1 - b1 ** t)) / (np.sqrt(v[n] / (1 - b2 ** t)) + eps)
                 p -= torch.as_tensor(step)
 
-    got_delta, timings = ti.unlearn_round(model, xs, ys, idx, K=5, eta=0.1, reg=1e-3, outer_lr=lr, radius=radius)
+    got_delta, timings = ti.unlearn_round(model, xs, ys, idx, K=5, eta=0.1, reg=1e-3, outer_lr=lr, radius=radius,
+                                          structure=structure)
     np.testing.assert_allclose(got_delta, delta, rtol=1e-12, atol=1e-14)
     assert timings["search_s"] >= 0 and timings["unlearn_s"] >= 0 and len(timings["step_s"]) == 3
     for n, p in model.named_parameters():
