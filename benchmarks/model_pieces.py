@@ -35,7 +35,6 @@ from pathlib import Path
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-
 from jax import lax
 
 from ibau_jax import checkpoints, conv, data, ibau, models
@@ -56,6 +55,21 @@ VARIANTS = {
     "rgb as 3 channels": {(conv, "_conv"): lambda x, w: lax.conv_general_dilated(
         x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))},
 }
+
+
+def faithful_round_inputs(shared: Path, batches: int, cfg: ibau.IBAUConfig) -> tuple:
+    """Arguments of ``ibau.make_round(...)`` for the first ``batches`` batches of the original
+    clean set (CIFAR-10 test 0..4999), from the authors' BadNets checkpoint, seed-0 masks:
+    (params, batch_stats, opt_state, xb (B, n, 32, 32, 3), yb (B, n), masks (B, n))."""
+    test = data.load_cifar10(shared / "datasets/cifar10", download=False)
+    clean, _ = data.ibau_split(test)
+    xb = jnp.asarray(data.batches(data.to_float(clean.x), cfg.batch_size)[:batches])
+    yb = jnp.asarray(data.batches(clean.y, cfg.batch_size)[:batches])
+    variables, _ = checkpoints.load_torch_checkpoint(shared / "ibau-original/checkpoints/badnets_8_02_ckpt.pth")
+    params = jax.tree.map(jnp.asarray, variables["params"])
+    bs = jax.tree.map(jnp.asarray, variables["batch_stats"])
+    masks = jnp.asarray(ibau.seed_masks(0, 1, batches, cfg)[0])
+    return params, bs, cfg.outer_tx().init(params), xb, yb, masks
 
 
 def time_round(model, cfg, inputs, reps: int) -> tuple[float, float]:
@@ -84,17 +98,8 @@ def main() -> None:
     unknown = [v for v in names if v not in VARIANTS]
     if unknown:
         ap.error(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
-    shared = Path(args.shared)
-    test = data.load_cifar10(shared / "datasets/cifar10", download=False)
-    clean, _ = data.ibau_split(test)
     cfg = ibau.IBAUConfig.faithful()
-    xb = jnp.asarray(data.batches(data.to_float(clean.x), cfg.batch_size)[: args.batches])
-    yb = jnp.asarray(data.batches(clean.y, cfg.batch_size)[: args.batches])
-    variables, _ = checkpoints.load_torch_checkpoint(shared / "ibau-original/checkpoints/badnets_8_02_ckpt.pth")
-    params = jax.tree.map(jnp.asarray, variables["params"])
-    bs = jax.tree.map(jnp.asarray, variables["batch_stats"])
-    masks = jnp.asarray(ibau.seed_masks(0, 1, args.batches, cfg)[0])
-    inputs = (params, bs, cfg.outer_tx().init(params), xb, yb, masks)
+    inputs = faithful_round_inputs(Path(args.shared), args.batches, cfg)
 
     best: dict[str, dict] = {}
     try:

@@ -29,10 +29,10 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 
-from ibau_jax import checkpoints, data, ibau, models
+from ibau_jax import ibau, models
 from ibau_jax.cli import write_atomic
+from model_pieces import faithful_round_inputs  # benchmarks/ is on sys.path when run as a script
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -68,17 +68,8 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=15, help="rows of each table")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    shared = Path(args.shared)
-    test = data.load_cifar10(shared / "datasets/cifar10", download=False)
-    clean, _ = data.ibau_split(test)
     cfg = ibau.IBAUConfig.faithful()
-    xb = jnp.asarray(data.batches(data.to_float(clean.x), cfg.batch_size)[: args.batches])
-    yb = jnp.asarray(data.batches(clean.y, cfg.batch_size)[: args.batches])
-    variables, _ = checkpoints.load_torch_checkpoint(shared / "ibau-original/checkpoints/badnets_8_02_ckpt.pth")
-    params = jax.tree.map(jnp.asarray, variables["params"])
-    bs = jax.tree.map(jnp.asarray, variables["batch_stats"])
-    masks = jnp.asarray(ibau.seed_masks(0, 1, args.batches, cfg)[0])
-    inputs = (params, bs, cfg.outer_tx().init(params), xb, yb, masks)
+    inputs = faithful_round_inputs(Path(args.shared), args.batches, cfg)
     compiled = ibau.make_round(models.get_model("small_vgg", 10), cfg).lower(*inputs).compile()
     jax.block_until_ready(compiled(*inputs))  # warm-up: first-run allocations stay out of the profile
     with tempfile.TemporaryDirectory() as logdir:
