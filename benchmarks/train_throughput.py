@@ -21,8 +21,8 @@ markdown table with images/s and the JAX/PyTorch ratio.
 
 What bounds the ratio on CPU: most of a step is convolution (forward, input gradient and
 kernel gradient of six 3x3 convs). PyTorch runs those through oneDNN's kernels; XLA:CPU runs
-its canonical NHWC/HWIO convolution through Eigen (170–200 GFLOP/s for these shapes,
-docs/performance.md). With the chunked kernel gradient and the select-based max pooling and
+its canonical NHWC/HWIO convolution as YNNPACK calls (110–220 GFLOP/s for these shapes in a
+profile of the I-BAU round, docs/performance.md). With the chunked kernel gradient and the select-based max pooling and
 ``exp`` ELU of ``ibau_jax.models``, the scan epoch reached 0.97× PyTorch's images/s on the
 idle 2-core CPU (2026-12-03, docs/results.md); before them it was 0.45×. Compare ratios from
 one run only: when the cores are oversubscribed, PyTorch's thread pool degrades more than XLA's.

@@ -170,9 +170,7 @@ def _hypergradient(model, params, delta, x_o, y_o, mask, x_i, y_i, K, eta, reg) 
     g_theta = [torch.zeros_like(p) if g is None else g for p, g in zip(params, g_outer[:-1])]
     g_delta = torch.zeros_like(delta) if g_outer[-1] is None else g_outer[-1]
 
-    # Φ(δ, θ) = δ − η ∇_δ L_inner, kept differentiable in δ and θ.
-    g_inner = torch.autograd.grad(inner_loss(model, delta, x_i, y_i, reg), delta, create_graph=True)[0]
-    phi = delta - eta * g_inner
+    phi = _fixed_point_map(model, delta, x_i, y_i, eta, reg)
 
     # v_{k+1} = (∂Φ/∂δ)ᵀ v_k + ∇_δ L_outer, v_0 = 0  (vector-Jacobian products through Φ);
     # v_1 = ∇_δ L_outer exactly, so the VJP of the zero vector is skipped.
@@ -180,7 +178,17 @@ def _hypergradient(model, params, delta, x_o, y_o, mask, x_i, y_i, K, eta, reg) 
     for _ in range(K - 1):
         v = torch.autograd.grad(phi, delta, grad_outputs=v, retain_graph=True)[0] + g_delta
 
-    # ∇_θ L_outer + (∂Φ/∂θ)ᵀ v_K.
+    return _plus_implicit_term(phi, params, v, g_theta)
+
+
+def _fixed_point_map(model, delta, x_i, y_i, eta, reg) -> torch.Tensor:
+    """Φ(δ, θ) = δ − η ∇_δ L_inner, kept differentiable in δ and θ (δ must require grad)."""
+    g_inner = torch.autograd.grad(inner_loss(model, delta, x_i, y_i, reg), delta, create_graph=True)[0]
+    return delta - eta * g_inner
+
+
+def _plus_implicit_term(phi, params, v, g_theta) -> list[torch.Tensor]:
+    """∇_θ L_outer + (∂Φ/∂θ)ᵀ v_K, aligned with ``params``."""
     implicit = torch.autograd.grad(phi, params, grad_outputs=v, allow_unused=True)
     return [g + (0.0 if h is None else h.detach()) for g, h in zip(g_theta, implicit)]
 
@@ -203,19 +211,14 @@ def _hypergradient_original(model, params, delta, x_o, y_o, mask, x_i, y_i, K, e
     g_theta = torch.autograd.grad(lo, params, retain_graph=True, allow_unused=True)
     g_theta = [torch.zeros_like(p) if g is None else g for p, g in zip(params, g_theta)]
 
-    g_inner = torch.autograd.grad(inner_loss(model, delta, x_i, y_i, reg), delta, create_graph=True)[0]
-    phi = delta - eta * g_inner
+    phi = _fixed_point_map(model, delta, x_i, y_i, eta, reg)
     v = torch.zeros_like(delta)
     for _ in range(K):
         v_prev = v
         v = torch.autograd.grad(phi, delta, grad_outputs=v, retain_graph=True)[0] + g_delta
         if float(torch.norm(v - v_prev)) < tol:  # a host synchronisation per iteration
             break
-    implicit = torch.autograd.grad(phi, params, grad_outputs=v, allow_unused=True)
-    return [g + (0.0 if h is None else h.detach()) for g, h in zip(g_theta, implicit)]
-
-
-STRUCTURES = ("lean", "original")
+    return _plus_implicit_term(phi, params, v, g_theta)
 
 
 def hypergradient(model: nn.Module, delta_nhwc, x_outer, y_outer, perturbed_idx, x_inner, y_inner,
@@ -228,7 +231,7 @@ def hypergradient(model: nn.Module, delta_nhwc, x_outer, y_outer, perturbed_idx,
     ``structure``: 'lean' (one outer backward pass) or 'original' (the authors' structure,
     :func:`_hypergradient_original`); the two agree to rounding.
     """
-    hg = _hypergradient_fn(structure)
+    _, hg = _structure(structure)
     names, params = _trainable(model)
     x_o, x_i = _nchw(model, x_outer), _nchw(model, x_inner)
     dev = _device(model)
@@ -238,21 +241,20 @@ def hypergradient(model: nn.Module, delta_nhwc, x_outer, y_outer, perturbed_idx,
     return {n: g.detach().cpu().numpy().copy() for n, g in zip(names, grads)}
 
 
-def _hypergradient_fn(structure: str):
-    if structure not in STRUCTURES:
-        raise ValueError(f"unknown structure {structure!r}; choose one of {', '.join(STRUCTURES)}")
-    return _hypergradient if structure == "lean" else _hypergradient_original
-
-
 # ----------------------------------------------------------------------------
 # One I-BAU round
 # ----------------------------------------------------------------------------
 
 
+def _zero_perturbation(x_nchw: torch.Tensor) -> torch.Tensor:
+    """δ = 0 of shape (1, C, H, W) for batches like ``x_nchw``, requiring grad."""
+    return torch.zeros((1,) + tuple(x_nchw.shape[1:]), dtype=x_nchw.dtype, device=x_nchw.device,
+                       requires_grad=True)
+
+
 def _perturbation_search(model, x_batches_nchw, lr, reg) -> torch.Tensor:
     """δ = 0; per batch: y = argmax f(x); one SGD step (lr) on −CE(f(x+δ), y) + reg‖δ‖₂²."""
-    delta = torch.zeros((1,) + tuple(x_batches_nchw[0].shape[1:]), dtype=x_batches_nchw[0].dtype,
-                        device=x_batches_nchw[0].device, requires_grad=True)
+    delta = _zero_perturbation(x_batches_nchw[0])
     opt = torch.optim.SGD([delta], lr=lr)
     for x in x_batches_nchw:
         with torch.no_grad():
@@ -267,8 +269,7 @@ def _perturbation_search_original(model, x_batches_nchw, lr, reg) -> torch.Tenso
     """:func:`_perturbation_search` with the original code's structure (same δ, more work):
     the label forward pass records an autograd graph, and ``loss.backward()`` computes the
     gradients of every model parameter too (accumulated in ``.grad``, cleared here after)."""
-    delta = torch.zeros((1,) + tuple(x_batches_nchw[0].shape[1:]), dtype=x_batches_nchw[0].dtype,
-                        device=x_batches_nchw[0].device, requires_grad=True)
+    delta = _zero_perturbation(x_batches_nchw[0])
     opt = torch.optim.SGD([delta], lr=lr)
     for x in x_batches_nchw:
         y_pred = torch.argmax(model(x), dim=1).long()
@@ -279,6 +280,18 @@ def _perturbation_search_original(model, x_batches_nchw, lr, reg) -> torch.Tenso
     for p in model.parameters():
         p.grad = None
     return delta.detach()
+
+
+# structure -> (perturbation search, hypergradient): two organisations of the same computation
+_STRUCTURES = {"lean": (_perturbation_search, _hypergradient),
+               "original": (_perturbation_search_original, _hypergradient_original)}
+STRUCTURES = tuple(_STRUCTURES)
+
+
+def _structure(structure: str):
+    if structure not in _STRUCTURES:
+        raise ValueError(f"unknown structure {structure!r}; choose one of {', '.join(STRUCTURES)}")
+    return _STRUCTURES[structure]
 
 
 def perturbation_search(model: nn.Module, x_clean_batches, lr: float = 10.0, reg: float = 1e-3) -> np.ndarray:
@@ -319,8 +332,7 @@ def unlearn_round(model: nn.Module, x_clean_batches, y_clean_batches, perturbed_
     Returns (delta NHWC (1, H, W, C) numpy, timings) with timings = {'search_s': float,
     'unlearn_s': float, 'step_s': [seconds per hypergradient+Adam step]}.
     """
-    hg = _hypergradient_fn(structure)
-    search = _perturbation_search if structure == "lean" else _perturbation_search_original
+    search, hg = _structure(structure)
     optimizer = optimizer if optimizer is not None else adam_state
     if optimizer is None:
         optimizer = make_optimizer(model, outer_lr)

@@ -32,6 +32,10 @@ def _conv(x: jax.Array, w: jax.Array) -> jax.Array:
         # A zero 4th channel in x and w adds only exact zeros to each sum (performance.md).
         x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, 1)))
         w = jnp.pad(w, ((0, 0), (0, 0), (0, 1), (0, 0)))
+    return _canonical_conv(x, w)
+
+
+def _canonical_conv(x: jax.Array, w: jax.Array) -> jax.Array:
     return lax.conv_general_dilated(x, w, (1, 1), _PAD, dimension_numbers=_DN)
 
 

@@ -231,7 +231,7 @@ def test_inside_scan():
 
 
 def test_three_input_channels_run_as_four_on_cpu():
-    """On CPU an RGB input gets a zero 4th channel (XLA's conv is ~4x faster there); same values."""
+    """On CPU an RGB input gets a zero 4th channel (XLA's conv is far faster there); same values."""
     x, w = rand(0, 2, 5, 5, 3, dtype=jnp.float32), rand(1, 3, 3, 3, 4, dtype=jnp.float32)
     jaxpr = str(jax.make_jaxpr(conv3x3)(x, w))
     padded = "f32[2,5,5,4]" in jaxpr and "f32[3,3,4,4]" in jaxpr
