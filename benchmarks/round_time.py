@@ -153,10 +153,14 @@ def main() -> None:
     if args.skip_torch:
         structures = ()
     keys = {s: "torch" if s == "lean" else "torch_original" for s in structures}
+    from tqdm import tqdm
+    # one tick per timed round (the first JAX round is done): rate and ETA for long --repeats runs
+    bar = tqdm(total=args.repeats * (1 + len(keys)), initial=1, unit="round", desc="rounds timed", dynamic_ncols=True)
     for cycle in range(args.repeats):
         if cycle:
             again, secs = time_jax()
             jax_runs.append(secs)
+            bar.update(1)
             same = all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
                        zip(jax.tree.leaves(parallel.to_host(again).params), jax.tree.leaves(out.params)))
             result["jax"]["repeat_identical"] = result["jax"].get("repeat_identical", True) and same
@@ -173,6 +177,8 @@ def main() -> None:
                 result[key]["repeat_identical"] = (result[key].get("repeat_identical", True)
                                                    and rec["clean_acc"] == result[key]["clean_acc"]
                                                    and rec["asr_all"] == result[key]["asr_all"])
+            bar.update(1)
+    bar.close()
     if args.repeats > 1:
         j = result["jax"]
         j.update(round_s=float(np.median(jax_runs)), round_s_runs=jax_runs)
