@@ -36,7 +36,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ibau_jax import checkpoints, conv, data, ibau, models
+from ibau_jax import conv, experiment, ibau, models
 from ibau_jax.cli import write_atomic
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,13 +59,11 @@ def faithful_round_inputs(shared: Path, batches: int, cfg: ibau.IBAUConfig) -> t
     """Arguments of ``ibau.make_round(...)`` for the first ``batches`` batches of the original
     clean set (CIFAR-10 test 0..4999), from the authors' BadNets checkpoint, seed-0 masks:
     (params, batch_stats, opt_state, xb (B, n, 32, 32, 3), yb (B, n), masks (B, n))."""
-    test = data.load_cifar10(shared / "datasets/cifar10", download=False)
-    clean, _ = data.ibau_split(test)
-    xb = jnp.asarray(data.batches(data.to_float(clean.x), cfg.batch_size)[:batches])
-    yb = jnp.asarray(data.batches(clean.y, cfg.batch_size)[:batches])
-    variables, _ = checkpoints.load_torch_checkpoint(shared / "ibau-original/checkpoints/badnets_8_02_ckpt.pth")
-    params = jax.tree.map(jnp.asarray, variables["params"])
-    bs = jax.tree.map(jnp.asarray, variables["batch_stats"])
+    exp = experiment.load(shared / "ibau-original/checkpoints/badnets_8_02_ckpt.pth",
+                          data_dir=shared / "datasets/cifar10", download=False)
+    xb, yb = map(jnp.asarray, exp.batches(cfg.batch_size, batches))
+    params = jax.tree.map(jnp.asarray, exp.variables["params"])
+    bs = jax.tree.map(jnp.asarray, exp.variables["batch_stats"])
     masks = jnp.asarray(ibau.seed_masks(0, 1, batches, cfg)[0])
     return params, bs, cfg.outer_tx().init(params), xb, yb, masks
 

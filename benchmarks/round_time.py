@@ -59,7 +59,7 @@ _host_devices_flag(sys.argv)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from ibau_jax import attacks, checkpoints, data, ibau, metrics, models, parallel  # noqa: E402
+from ibau_jax import experiment, ibau, parallel  # noqa: E402
 from ibau_jax.cli import write_atomic  # noqa: E402
 
 
@@ -87,20 +87,13 @@ def main() -> None:
         ap.error("--repeats must be at least 1")
     shared = Path(args.shared)
 
-    test = data.load_cifar10(shared / "datasets/cifar10", download=False)
-    clean, acc_set = data.ibau_split(test)
-    cfg = ibau.IBAUConfig.faithful()
-    clean_x = data.to_float(clean.x)
-    xb, yb = data.batches(clean_x, cfg.batch_size), data.batches(clean.y, cfg.batch_size)
-    if args.limit_batches:
-        xb, yb = xb[: args.limit_batches], yb[: args.limit_batches]
-    B = xb.shape[0]
-    trig = attacks.badnets()
-    asr_x, asr_t = attacks.poisoned_test_set(clean_x, clean.y, trig, 8)
-    acc_x = data.to_float(acc_set.x)
     ckpt = shared / "ibau-original/checkpoints/badnets_8_02_ckpt.pth"
-    variables, _ = checkpoints.load_torch_checkpoint(ckpt)
-    model = models.get_model("small_vgg", 10)
+    # the original split, BadNets trigger, target 8 (experiment.load's defaults)
+    exp = experiment.load(ckpt, data_dir=shared / "datasets/cifar10", download=False)
+    cfg = ibau.IBAUConfig.faithful()
+    xb, yb = exp.batches(cfg.batch_size, args.limit_batches)
+    B = xb.shape[0]
+    variables, model = exp.variables, exp.model
     masks = jnp.asarray(ibau.seed_masks(args.seed, 1, B, cfg)[0])  # as `ibau-jax unlearn --seed`
     idx = [np.flatnonzero(np.asarray(m)) for m in masks]
 
@@ -128,7 +121,7 @@ def main() -> None:
     jax_runs = [jax_s]
     out = parallel.to_host(out)  # host copies: evaluation and the FLOP count run unsharded
     jax_vars = {"params": out.params, "batch_stats": bs}
-    jax_m = metrics.evaluate(model.apply, jax_vars, acc_x, acc_set.y, asr_x, asr_t, clean.y)
+    jax_m = exp.evaluate(jax_vars)
 
     logits = ibau.make_logits_fn(model)
     fn = lambda p, x: logits(bs, p, x)
@@ -165,7 +158,7 @@ def main() -> None:
                        zip(jax.tree.leaves(parallel.to_host(again).params), jax.tree.leaves(out.params)))
             result["jax"]["repeat_identical"] = result["jax"].get("repeat_identical", True) and same
         for structure, key in keys.items():
-            rec, agreement = _torch_round(args, str(ckpt), cfg, xb, yb, idx, acc_x, acc_set.y, asr_x, asr_t,
+            rec, agreement = _torch_round(args, str(ckpt), cfg, xb, yb, idx, exp.acc_x, exp.acc_y, exp.asr_x, exp.asr_t,
                                           out.params, np.asarray(delta), variables, structure)
             if cycle == 0:
                 rec["round_s_runs"], rec["per_step_s_runs"] = [rec["round_s"]], [rec["per_step_s"]]

@@ -113,28 +113,23 @@ def rel(a: np.ndarray, b: np.ndarray) -> float:
 
 class Study:
     def __init__(self, args: argparse.Namespace, s: dict):
-        from ibau_jax import attacks, checkpoints, data, metrics, models
+        from ibau_jax import experiment, metrics
 
         self.args, self.s = args, s
         shared = Path(args.shared)
         ckpt = shared / "ibau-original/checkpoints/badnets_8_02_ckpt.pth"
         self.ckpt_sha = hashlib.sha256(ckpt.read_bytes()).hexdigest()
-        test = data.load_cifar10(shared / "datasets/cifar10", download=False)
-        clean, acc_set = data.ibau_split(test)
+        # the original split, BadNets trigger, target 8 (experiment.load's defaults)
+        exp = experiment.load(ckpt, data_dir=shared / "datasets/cifar10", download=False)
         self.cfg = ibau.IBAUConfig.faithful(batch_size=s["batch_size"], portion=s["portion"])
-        n_clean = s["batch_size"] * s["n_batches"]
-        clean_x = data.to_float(clean.x)
-        self.xb = jnp.asarray(data.batches(clean_x[:n_clean], s["batch_size"]))
-        self.yb = jnp.asarray(data.batches(clean.y[:n_clean], s["batch_size"]))
-        ne = s["n_eval"] or len(acc_set)
-        self.acc_x, self.acc_y = data.to_float(acc_set.x)[:ne], np.asarray(acc_set.y)[:ne]
-        ne = s["n_eval"] or len(clean)
-        self.asr_x, self.asr_t = attacks.poisoned_test_set(clean_x[:ne], clean.y[:ne], attacks.badnets(), 8)
-        self.asr_true = np.asarray(clean.y)[:ne]
-        variables, _ = checkpoints.load_torch_checkpoint(ckpt)
-        self.model = models.get_model("small_vgg", 10)
-        self.params = jax.tree.map(jnp.asarray, variables["params"])
-        self.bs = jax.tree.map(jnp.asarray, variables["batch_stats"])
+        self.xb, self.yb = map(jnp.asarray, exp.batches(s["batch_size"], s["n_batches"]))
+        ne = s["n_eval"] or len(exp.acc_y)
+        self.acc_x, self.acc_y = exp.acc_x[:ne], exp.acc_y[:ne]
+        ne = s["n_eval"] or len(exp.clean_y)
+        self.asr_x, self.asr_t, self.asr_true = exp.asr_x[:ne], exp.asr_t[:ne], exp.clean_y[:ne]
+        self.model = exp.model
+        self.params = jax.tree.map(jnp.asarray, exp.variables["params"])
+        self.bs = jax.tree.map(jnp.asarray, exp.variables["batch_stats"])
         self.masks = ibau.random_masks(jax.random.PRNGKey(args.seed), self.xb.shape[0], self.cfg)
         self.metrics, self.ibau = metrics, ibau
         self.logits = ibau.make_logits_fn(self.model)

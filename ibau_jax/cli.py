@@ -20,7 +20,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-DATASETS = ("cifar10", "gtsrb")
+from . import experiment
+from .experiment import DATASETS, Experiment, load_test_set
 
 
 class CLIError(Exception):
@@ -58,51 +59,6 @@ def save_result(out: Path, result: dict[str, Any]) -> None:
 
 # ----------------------------------------------------------------------------- loading
 
-def load_test_set(dataset: str, data_dir: str | None, download: bool, source: str = "auto"):
-    from . import data
-
-    if dataset == "cifar10":
-        return data.load_cifar10(data_dir, split="test", source=source, download=download)
-    if dataset == "gtsrb":
-        if data_dir is None:
-            raise CLIError("--dataset gtsrb needs --data-dir (a folder holding test_roi32.npz or the "
-                           "official archive's Final_Test/)")
-        return data.load_gtsrb(data_dir)
-    raise CLIError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
-
-
-@dataclasses.dataclass(frozen=True)
-class Experiment:
-    """What every command loads: model, weights, the original split and the triggered set."""
-
-    model: Any
-    variables: Any
-    num_classes: int
-    target: int
-    clean_x: np.ndarray      # (n_clean, H, W, C) float32: the defender's clean set
-    clean_y: np.ndarray      # (n_clean,)
-    acc_x: np.ndarray        # clean-accuracy images, float32
-    acc_y: np.ndarray
-    asr_x: np.ndarray        # triggered copies of the clean set
-    asr_t: np.ndarray        # their attack labels (the target)
-
-    def batches(self, batch_size: int, limit: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        """The clean set as (B, batch_size, ...) batches, optionally only the first ``limit``."""
-        from . import data
-
-        xb, yb = data.batches(self.clean_x, batch_size), data.batches(self.clean_y, batch_size)
-        return (xb[:limit], yb[:limit]) if limit else (xb, yb)
-
-    def evaluate(self, variables: Any, mesh: Any = None) -> dict[str, float]:
-        """``{'clean_acc', 'asr_all', 'asr_nontarget'}``, sharded over ``mesh`` when given."""
-        from . import metrics, parallel
-
-        sets = (self.acc_x, self.acc_y, self.asr_x, self.asr_t, self.clean_y)
-        if mesh is None:
-            return metrics.evaluate(self.model.apply, variables, *sets)
-        return parallel.evaluate(self.model.apply, variables, *sets, mesh)
-
-
 def resolve_run_dir(args: argparse.Namespace) -> int:
     """``--model RUN_DIR`` (from ``ibau-jax attack``): fill checkpoint/model/attack/target from it.
 
@@ -132,25 +88,12 @@ def resolve_run_dir(args: argparse.Namespace) -> int:
 
 
 def load_experiment(args: argparse.Namespace) -> Experiment:
-    """Load data, trigger and checkpoint named by the common flags; split as the original code."""
-    from . import attacks, checkpoints, data, models
-
+    """``experiment.load`` with the common flags (``--model RUN_DIR`` resolved first)."""
     attack_seed = resolve_run_dir(args)
-    test = load_test_set(args.dataset, args.data_dir, download=not args.no_download,
-                         source=getattr(args, "data_source", "auto"))
-    clean, acc_set = data.ibau_split(test, args.n_clean)
-    target = attacks.check_target(args.target, test.num_classes)
-    variables, _ = checkpoints.load_model(args.checkpoint, args.model, test.num_classes)
-    clean_x = data.to_float(clean.x)
-    if args.attack in attacks.ATTACKS:  # the original triggers, exactly as the original code
-        trigger = attacks.load_trigger(args.attack, args.trigger_dir)
-        asr_x, asr_t = attacks.poisoned_test_set(clean_x, clean.y, trigger, target)
-    else:  # the extended attack suite (same seed as at training time: blend/wanet triggers are seeded)
-        attack = attacks.make_attack(args.attack, num_classes=test.num_classes, target=target,
-                                     trigger_dir=args.trigger_dir, seed=attack_seed)
-        asr_x, asr_t, _ = attacks.asr_test_set(clean_x, clean.y, attack)
-    return Experiment(models.get_model(args.model, test.num_classes), variables, test.num_classes, target,
-                      clean_x, clean.y, data.to_float(acc_set.x), acc_set.y, asr_x, asr_t)
+    return experiment.load(args.checkpoint, dataset=args.dataset, data_dir=args.data_dir, model=args.model,
+                           attack=args.attack, target=args.target, trigger_dir=args.trigger_dir,
+                           n_clean=args.n_clean, download=not args.no_download,
+                           data_source=getattr(args, "data_source", "auto"), attack_seed=attack_seed)
 
 
 def _fmt(m: dict[str, float]) -> str:
