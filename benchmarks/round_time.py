@@ -38,10 +38,12 @@ import json
 import os
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "experiments"))
@@ -59,7 +61,7 @@ _host_devices_flag(sys.argv)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from ibau_jax import experiment, ibau, parallel  # noqa: E402
+from ibau_jax import checkpoints, experiment, ibau, parallel  # noqa: E402
 from ibau_jax.cli import write_atomic  # noqa: E402
 
 
@@ -146,7 +148,6 @@ def main() -> None:
     if args.skip_torch:
         structures = ()
     keys = {s: "torch" if s == "lean" else "torch_original" for s in structures}
-    from tqdm import tqdm
     # one tick per timed round (the first JAX round is done): rate and ETA for long --repeats runs
     bar = tqdm(total=args.repeats * (1 + len(keys)), initial=1, unit="round", desc="rounds timed", dynamic_ncols=True)
     for cycle in range(args.repeats):
@@ -237,36 +238,20 @@ def _torch_round(args, ckpt: str, cfg, xb, yb, idx, acc_x, acc_y, asr_x, asr_t, 
            "round_s": torch_s, "search_s": timings["search_s"], "per_step_s": timings["unlearn_s"] / len(xb),
            "clean_acc": torch_ibau.evaluate(tm, acc_x, acc_y), "asr_all": torch_ibau.evaluate(tm, asr_x, asr_t),
            "delta_norm": float(np.linalg.norm(tdelta))}
-    # parameter agreement, in flax layout
-    sd = {k: v.detach().cpu().numpy() for k, v in tm.state_dict().items()}
-    conv_idx, bn_idx = (0, 3, 8, 11, 16, 19), (1, 4, 9, 12, 17, 20)
-    pairs = []
-    for i, (c, b) in enumerate(zip(conv_idx, bn_idx)):
-        pairs += [(jax_params[f"conv{i}"]["kernel"], sd[f"features.{c}.weight"].transpose(2, 3, 1, 0)),
-                  (jax_params[f"conv{i}"]["bias"], sd[f"features.{c}.bias"]),
-                  (jax_params[f"bn{i}"]["scale"], sd[f"features.{b}.weight"]),
-                  (jax_params[f"bn{i}"]["bias"], sd[f"features.{b}.bias"])]
-    pairs.append((jax_params["classifier"]["kernel"], sd["classifier.weight"].T))
-    pairs.append((jax_params["classifier"]["bias"], sd["classifier.bias"]))
-    a = np.concatenate([np.asarray(p).ravel() for p, _ in pairs])
-    b = np.concatenate([q.ravel() for _, q in pairs])
+    # parameter agreement: the torch weights go through the library's own (safe) import, so
+    # the comparison uses the same torch -> flax mapping as every checkpoint load
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save({"net": {k: v.detach().cpu() for k, v in tm.state_dict().items()}}, f"{tmp}/round.pth")
+        torch_vars, _ = checkpoints.load_torch_checkpoint(f"{tmp}/round.pth")
+    flat = lambda tree: np.concatenate([np.asarray(leaf).ravel() for leaf in jax.tree.leaves(tree)])
+    a, b, start = flat(jax_params), flat(torch_vars["params"]), flat(variables["params"])
     agreement = {
         "delta_rel_err": float(np.linalg.norm(jax_delta - tdelta) / np.linalg.norm(tdelta)),
         "params_rel_err": float(np.linalg.norm(a - b) / np.linalg.norm(b)),
         # relative to the size of the round's update, the stricter measure
-        "update_rel_err": float(np.linalg.norm(a - b) / np.linalg.norm(b - _flax_order_params(variables, len(conv_idx)))),
+        "update_rel_err": float(np.linalg.norm(a - b) / np.linalg.norm(b - start)),
     }
     return rec, agreement
-
-
-def _flax_order_params(variables, n_conv: int) -> np.ndarray:
-    """The checkpoint's parameters flattened in the order the agreement check uses."""
-    p = variables["params"]
-    parts = []
-    for i in range(n_conv):
-        parts += [p[f"conv{i}"]["kernel"], p[f"conv{i}"]["bias"], p[f"bn{i}"]["scale"], p[f"bn{i}"]["bias"]]
-    parts += [p["classifier"]["kernel"], p["classifier"]["bias"]]
-    return np.concatenate([np.asarray(x).ravel() for x in parts])
 
 
 if __name__ == "__main__":

@@ -11,8 +11,9 @@ sets that measure clean accuracy and attack success, split as the original code 
 The split (``data.ibau_split``): clean set = test images ``0 .. n_clean-1``, accuracy set =
 the rest, attack-success set = triggered copies of the clean set relabelled to the target
 (target-class images included, as in the original code; ``asr_nontarget`` leaves them out).
-``ibau-jax unlearn``, ``evaluate`` and ``sweep`` load through :func:`load`, and so do the
-benchmarks, so every figure is measured on the same sets.
+``ibau-jax unlearn``, ``evaluate`` and ``sweep`` load through :func:`load`, and so do
+benchmarks/round_time.py, benchmarks/model_pieces.py (and profile_round.py) and
+experiments/solver_study.py, so their figures are measured on the same sets.
 """
 from __future__ import annotations
 
