@@ -19,7 +19,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from ibau_jax import conv
+from ibau_jax.models import conv
 from ibau_jax.cli import write_atomic
 
 REPO = Path(__file__).resolve().parents[1]

@@ -23,7 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 CHILD = r"""
 import json, resource, sys, time
 import jax, numpy as np
-from ibau_jax import checkpoints, data, ibau, models, parallel
+from ibau_jax import checkpoints, data, models, parallel
+from ibau_jax.defenses import ibau
 shared, n, batches, bs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 variables, _ = checkpoints.load_torch_checkpoint(shared + "/ibau-original/checkpoints/badnets_8_02_ckpt.pth")
 test = data.load_cifar10(shared + "/datasets/cifar10", download=False)

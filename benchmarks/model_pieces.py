@@ -36,7 +36,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ibau_jax import conv, experiment, ibau, models
+from ibau_jax import experiment, models
+from ibau_jax.defenses import ibau
+from ibau_jax.models import conv
 from ibau_jax.cli import write_atomic
 
 REPO = Path(__file__).resolve().parents[1]

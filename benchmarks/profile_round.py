@@ -30,7 +30,8 @@ from pathlib import Path
 
 import jax
 
-from ibau_jax import ibau, models
+from ibau_jax import models
+from ibau_jax.defenses import ibau
 from ibau_jax.cli import write_atomic
 from model_pieces import faithful_round_inputs  # benchmarks/ is on sys.path when run as a script
 

@@ -61,7 +61,8 @@ _host_devices_flag(sys.argv)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from ibau_jax import checkpoints, experiment, ibau, parallel  # noqa: E402
+from ibau_jax import checkpoints, experiment, parallel  # noqa: E402
+from ibau_jax.defenses import ibau  # noqa: E402
 from ibau_jax.cli import write_atomic  # noqa: E402
 
 

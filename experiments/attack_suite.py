@@ -36,7 +36,8 @@ sys.path.insert(0, str(REPO))
 
 import jax  # noqa: E402
 
-from ibau_jax import attacks, checkpoints, data, ibau, models, train  # noqa: E402
+from ibau_jax import attacks, checkpoints, data, models, train  # noqa: E402
+from ibau_jax.defenses import ibau  # noqa: E402
 
 ATTACK_ORDER = ("badnets", "blend", "trojan_wm", "sig", "wanet")
 

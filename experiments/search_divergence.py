@@ -22,7 +22,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "experiments"))
 import torch_ibau as ti  # noqa: E402
 
-from ibau_jax import checkpoints, data, ibau, models  # noqa: E402
+from ibau_jax import checkpoints, data, models  # noqa: E402
+from ibau_jax.defenses import ibau  # noqa: E402
 
 
 def main() -> None:

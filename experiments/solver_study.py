@@ -58,7 +58,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from ibau_jax import hypergrad, ibau
+from ibau_jax import hypergrad
+from ibau_jax.defenses import ibau
 
 REPO = Path(__file__).resolve().parents[1]
 

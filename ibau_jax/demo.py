@@ -121,7 +121,8 @@ def run_demo(args) -> dict[str, Any]:
     """Poison -> train -> I-BAU rounds -> report.md, curves.png, trigger.png, delta.png in ``args.out``."""
     import jax
 
-    from . import attacks, ibau, models, train
+    from . import attacks, models, train
+    from .defenses import ibau
     from .cli import write_atomic
 
     t_start = time.perf_counter()

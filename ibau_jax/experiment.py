@@ -1,7 +1,8 @@
 """What an I-BAU run works on: a model with its weights, the defender's clean set, and the
 sets that measure clean accuracy and attack success, split as the original code splits.
 
-    from ibau_jax import experiment, ibau
+    from ibau_jax import experiment
+    from ibau_jax.defenses import ibau
 
     exp = experiment.load("badnets_8_02_ckpt.pth", data_dir="shared/datasets/cifar10")
     exp.clean_x.shape                      # (5000, 32, 32, 3): CIFAR-10 test images 0..4999

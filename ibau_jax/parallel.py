@@ -29,7 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from . import ibau, metrics
+from . import metrics
+from .defenses import ibau
 
 PyTree = Any
 AXIS = "data"

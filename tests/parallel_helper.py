@@ -19,7 +19,8 @@ import numpy as np
 def problem():
     import jax
 
-    from ibau_jax import ibau, models
+    from ibau_jax import models
+    from ibau_jax.defenses import ibau
 
     # Small model and images so four compilations fit a CI budget; conv, BN and the
     # full second-order round are all exercised.
@@ -50,7 +51,8 @@ def main(argv=None) -> int:
         parallel.init_distributed(args.coordinator, args.num_processes, args.process_id)
     import jax
 
-    from ibau_jax import ibau, models
+    from ibau_jax import models
+    from ibau_jax.defenses import ibau
     if args.mode == "badbatch":
         try:
             parallel.make_sharded_round(models.SmallVGG(), ibau.IBAUConfig(batch_size=6), parallel.make_mesh(4))

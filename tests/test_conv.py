@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ibau_jax.conv import conv3x3, conv3x3_wgrad
+from ibau_jax.models.conv import conv3x3, conv3x3_wgrad
 
 F64 = jnp.float64
 

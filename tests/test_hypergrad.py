@@ -544,7 +544,7 @@ def test_dense_solve_pytree_and_jit():
 # Krylov solvers must run there and match a dense solve.
 
 def _conv_problem():
-    from ibau_jax.conv import conv3x3
+    from ibau_jax.models.conv import conv3x3
     rng = np.random.default_rng(3)
     w = jnp.asarray(rng.normal(size=(3, 3, 2, 3)) * 0.4, F64)
     v = jnp.asarray(rng.normal(size=(3, 3, 3, 2)) * 0.4, F64)

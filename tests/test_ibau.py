@@ -5,7 +5,7 @@ import numpy as np
 import optax
 import pytest
 
-from ibau_jax import ibau
+from ibau_jax.defenses import ibau
 
 SHAPE = (4, 4, 3)  # image shape: δ has 48 entries, small enough for dense Hessians
 D = int(np.prod(SHAPE))

@@ -16,7 +16,8 @@ import jax
 import numpy as np
 import pytest
 
-from ibau_jax import ibau, parallel
+from ibau_jax import parallel
+from ibau_jax.defenses import ibau
 
 HELPER = Path(__file__).with_name("parallel_helper.py")
 sys.path.insert(0, str(HELPER.parent))

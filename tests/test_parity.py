@@ -25,7 +25,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from ibau_jax import ibau  # noqa: E402
+from ibau_jax.defenses import ibau  # noqa: E402
 from ibau_jax.checkpoints import load_torch_checkpoint  # noqa: E402
 from ibau_jax.models import get_model  # noqa: E402
 

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from . import hypergrad
+from .. import hypergrad
 
 PyTree = Any
 LogitsFn = Callable[[PyTree, jax.Array], jax.Array]  # (params, x (N,H,W,C)) -> logits (N, classes)

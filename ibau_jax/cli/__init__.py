@@ -20,8 +20,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import experiment
-from .experiment import DATASETS, Experiment, load_test_set
+from .. import experiment
+from ..experiment import DATASETS, Experiment, load_test_set
 
 
 class CLIError(Exception):
@@ -32,7 +32,7 @@ class CLIError(Exception):
 
 def write_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` via a temp file in the same folder and ``os.replace``."""
-    from .checkpoints import atomic_write
+    from ..checkpoints import atomic_write
 
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
@@ -64,7 +64,7 @@ def resolve_run_dir(args: argparse.Namespace) -> int:
 
     Explicit ``--attack``/``--target`` still win. Returns the attack's seed (the run's, else 0).
     """
-    from . import models, train
+    from .. import models, train
 
     seed = 0
     if args.model not in models.MODELS:
@@ -103,14 +103,15 @@ def _fmt(m: dict[str, float]) -> str:
 # ----------------------------------------------------------------------------- commands
 
 def cmd_unlearn(args: argparse.Namespace) -> int:
-    from . import parallel
+    from .. import parallel
 
     # Multi-host: join before any other JAX work (flags or IBAU_* env vars; no-op when absent).
     parallel.init_distributed(args.coordinator, args.num_processes, args.process_id)
     import jax
     from tqdm import tqdm
 
-    from . import checkpoints, ibau
+    from .. import checkpoints
+    from ..defenses import ibau
 
     exp = load_experiment(args)
     model, variables, target = exp.model, exp.variables, exp.target
@@ -189,13 +190,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     """Seeds x hyperparameter grid, vmapped in chunks (``parallel.sweep_rounds``); mean ± std table."""
-    from . import parallel
+    from .. import parallel
 
     # Multi-host: join before any other JAX work (flags or IBAU_* env vars; no-op when absent).
     parallel.init_distributed(args.coordinator, args.num_processes, args.process_id)
     import jax
 
-    from . import ibau
+    from ..defenses import ibau
 
     exp = load_experiment(args)
     model, variables, target = exp.model, exp.variables, exp.target
@@ -240,7 +241,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def cmd_attack(args: argparse.Namespace) -> int:
     """Train a poisoned model (``train.train``) and write RUN_DIR (model.npz, train_state.npz, run.json)."""
-    from . import attacks, data, models, train
+    from .. import attacks, data, models, train
 
     if args.dataset == "cifar10":
         train_set = data.load_cifar10(args.data_dir, split="train", source=getattr(args, "data_source", "auto"),
@@ -282,7 +283,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Self-contained demo: poison -> train -> I-BAU -> report (see ``ibau_jax.demo``)."""
-    from . import demo
+    from .. import demo
 
     demo.run_demo(args)
     return 0
@@ -298,7 +299,7 @@ def _data_source_flag(p: argparse.ArgumentParser) -> None:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    from . import attacks, models
+    from .. import attacks, models
 
     p.add_argument("--checkpoint", default=None,
                    help="PyTorch checkpoint (.pth) or ibau-jax checkpoint (.npz); optional with --model RUN_DIR")
@@ -319,7 +320,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import attacks, hypergrad, ibau, models, parallel
+    from .. import attacks, hypergrad, models, parallel
+    from ..defenses import ibau
 
     parser = argparse.ArgumentParser(prog="ibau-jax", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -422,9 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .attacks import AttackError
-    from .checkpoints import CheckpointError
-    from .data import DataError
+    from ..attacks import AttackError
+    from ..checkpoints import CheckpointError
+    from ..data import DataError
 
     args = build_parser().parse_args(argv)
     if getattr(args, "rounds", 1) < 1:
