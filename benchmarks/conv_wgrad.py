@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from ibau_jax.models import conv
-from ibau_jax.cli import write_atomic
+from ibau_jax.results import write_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 LAYERS = [(32, 3, 32), (32, 32, 32), (16, 32, 64), (16, 64, 64), (8, 64, 128), (8, 128, 128)]  # (H=W, Ci, Co)

@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 CHILD = r"""
 import json, resource, sys, time
 import jax, numpy as np
-from ibau_jax import checkpoints, data, models, parallel
+from ibau_jax import checkpoints, data, models, sharding
 from ibau_jax.defenses import ibau
 shared, n, batches, bs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 variables, _ = checkpoints.load_torch_checkpoint(shared + "/ibau-original/checkpoints/badnets_8_02_ckpt.pth")
@@ -32,9 +32,9 @@ x = data.to_float(test.x[: batches * bs])
 xb, yb = data.batches(x, bs), data.batches(test.y[: batches * bs], bs)
 cfg = ibau.IBAUConfig.faithful(batch_size=bs)
 model = models.get_model("small_vgg", 10)
-mesh = parallel.make_mesh(n)
+mesh = sharding.make_mesh(n)
 masks = ibau.random_masks(jax.random.PRNGKey(0), batches, cfg)
-rf = parallel.make_sharded_round(model, cfg, mesh)
+rf = ibau.make_round(model, cfg, mesh=mesh)
 p, b = variables["params"], variables["batch_stats"]
 s = cfg.outer_tx().init(p)
 t0 = time.perf_counter(); jax.block_until_ready(rf(p, b, s, xb, yb, masks)); first = time.perf_counter() - t0
@@ -54,7 +54,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=80)
     ap.add_argument("--real", action="store_true", help="use the real devices (no forced CPU devices)")
     args = ap.parse_args()
-    from ibau_jax.cli import write_atomic
+    from ibau_jax.results import write_atomic
 
     rows = []
     for n in args.devices:

@@ -38,21 +38,22 @@ import jax.numpy as jnp
 
 from ibau_jax import experiment, models
 from ibau_jax.defenses import ibau
-from ibau_jax.models import conv
-from ibau_jax.cli import write_atomic
+from ibau_jax.models import conv, layers, vgg
+from ibau_jax.results import write_atomic
 
 REPO = Path(__file__).resolve().parents[1]
-# (module, name) -> the library's object; SmallVGG and conv3x3 look these names up at trace time
-LIBRARY = {(models, "max_pool_2x2"): models.max_pool_2x2, (models, "elu"): models.elu,
-           (models, "conv3x3"): models.conv3x3, (conv, "_conv"): conv._conv}
-OLD_POOL = {(models, "max_pool_2x2"): lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))}
-OLD_ELU = {(models, "elu"): nn.elu}
+# (module, name) -> the library's object; SmallVGG (models/vgg.py), Conv3x3 (models/layers.py)
+# and conv3x3 look these names up in their own modules at trace time
+LIBRARY = {(vgg, "max_pool_2x2"): models.max_pool_2x2, (vgg, "elu"): models.elu,
+           (layers, "conv3x3"): models.conv3x3, (conv, "_conv"): conv._conv}
+OLD_POOL = {(vgg, "max_pool_2x2"): lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))}
+OLD_ELU = {(vgg, "elu"): nn.elu}
 VARIANTS = {
     "library": {},
     "reduce_window pool": OLD_POOL,
     "expm1 elu": OLD_ELU,
     "both old": {**OLD_POOL, **OLD_ELU},
-    "1x1 convs": {(models, "conv3x3"): lambda x, w: jnp.einsum("nhwc,co->nhwo", x, w[1, 1])},
+    "1x1 convs": {(layers, "conv3x3"): lambda x, w: jnp.einsum("nhwc,co->nhwo", x, w[1, 1])},
     "rgb as 3 channels": {(conv, "_conv"): conv._canonical_conv},   # no zero 4th channel
 }
 

@@ -32,7 +32,7 @@ import jax
 
 from ibau_jax import models
 from ibau_jax.defenses import ibau
-from ibau_jax.cli import write_atomic
+from ibau_jax.results import write_atomic
 from model_pieces import faithful_round_inputs  # benchmarks/ is on sys.path when run as a script
 
 REPO = Path(__file__).resolve().parents[1]

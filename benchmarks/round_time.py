@@ -28,7 +28,7 @@ each time ratio the median of the R within-cycle ratios (``ratio_runs_*``); JAX 
 once.
 
 ``--host-devices N`` splits the CPU into N XLA host devices and runs the round data-parallel
-over them (``parallel.make_sharded_round``): one XLA CPU device does not keep both cores of
+over them (``ibau.make_round(..., mesh=...)``): one XLA CPU device does not keep both cores of
 this machine busy through a round, N data-parallel devices do (benchmarks/devices.py).
 """
 from __future__ import annotations
@@ -61,9 +61,9 @@ _host_devices_flag(sys.argv)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from ibau_jax import checkpoints, experiment, parallel  # noqa: E402
+from ibau_jax import checkpoints, experiment, sharding  # noqa: E402
 from ibau_jax.defenses import ibau  # noqa: E402
-from ibau_jax.cli import write_atomic  # noqa: E402
+from ibau_jax.results import write_atomic  # noqa: E402
 
 
 def flops_of(fn, *args) -> float:
@@ -106,9 +106,9 @@ def main() -> None:
     xb_j, yb_j = jnp.asarray(xb), jnp.asarray(yb)
     inputs = (params, bs, opt_state, xb_j, yb_j, masks)
     if args.host_devices > 1:
-        mesh = parallel.make_mesh(args.host_devices)
-        round_fn = parallel.make_sharded_round(model, cfg, mesh).jitted
-        inputs = (*parallel.replicate(mesh, inputs[:3]), *parallel.shard_batches(mesh, *inputs[3:]))
+        mesh = sharding.make_mesh(args.host_devices)
+        round_fn = ibau.make_round(model, cfg, mesh=mesh)
+        inputs = (*sharding.replicate(mesh, inputs[:3]), *sharding.shard(mesh, tuple(inputs[3:]), 1))
     else:
         round_fn = ibau.make_round(model, cfg)
     t0 = time.perf_counter()
@@ -122,7 +122,7 @@ def main() -> None:
 
     out, jax_s = time_jax()
     jax_runs = [jax_s]
-    out = parallel.to_host(out)  # host copies: evaluation and the FLOP count run unsharded
+    out = sharding.to_host(out)  # host copies: evaluation and the FLOP count run unsharded
     jax_vars = {"params": out.params, "batch_stats": bs}
     jax_m = exp.evaluate(jax_vars)
 
@@ -157,7 +157,7 @@ def main() -> None:
             jax_runs.append(secs)
             bar.update(1)
             same = all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
-                       zip(jax.tree.leaves(parallel.to_host(again).params), jax.tree.leaves(out.params)))
+                       zip(jax.tree.leaves(sharding.to_host(again).params), jax.tree.leaves(out.params)))
             result["jax"]["repeat_identical"] = result["jax"].get("repeat_identical", True) and same
         for structure, key in keys.items():
             rec, agreement = _torch_round(args, str(ckpt), cfg, xb, yb, idx, exp.acc_x, exp.acc_y, exp.asr_x, exp.asr_t,

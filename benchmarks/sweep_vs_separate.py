@@ -5,7 +5,7 @@
 Each side is timed as a user runs it: fresh processes, so data loading and compilation are
 included (S compilations for the separate runs, one for the sweep). Writes
 benchmarks/results/sweep_vs_separate.json and prints a table; the two sides' accuracies
-are printed too (tests/test_parallel.py checks the parameters agree).
+are printed too (tests/test_sweep.py checks the parameters agree).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ibau_jax.cli import write_atomic
+from ibau_jax.results import write_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -6,10 +6,10 @@
 
 What is timed, on CIFAR-sized random data (x uniform in [0, 1], shape (B, 32, 32, 3); 10 classes):
 
-* ``jax step``: ``ibau_jax.train.train_step`` (jitted; BN in train mode, dropout, SGD momentum
+* ``jax step``: ``ibau_jax.training.train_step`` (jitted; BN in train mode, dropout, SGD momentum
   0.9 with the trainer's cosine schedule and decoupled weight decay 5e-4 on kernels), called
   ``--steps`` times from Python, the new state fed back each call;
-* ``jax scan epoch``: ``ibau_jax.train.train_epoch``, i.e. ``--steps`` train steps inside one
+* ``jax scan epoch``: ``ibau_jax.training.train_epoch``, i.e. ``--steps`` train steps inside one
   ``lax.scan`` (what the trainer runs), timed over ``--epochs`` epochs;
 * ``torch``: ``experiments/torch_ibau.SmallVGG`` in ``model.train()``, ``torch.optim.SGD``
   (momentum 0.9, weight decay 5e-4), cross-entropy, zero_grad/backward/step, ``--torch-steps`` steps.
@@ -47,8 +47,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "experiments"))
 
-from ibau_jax import models, train  # noqa: E402
-from ibau_jax.cli import write_atomic  # noqa: E402
+from ibau_jax import models, training  # noqa: E402
+from ibau_jax.results import write_atomic  # noqa: E402
 
 
 def block(tree):
@@ -57,14 +57,14 @@ def block(tree):
 
 def bench_jax(x: np.ndarray, y: np.ndarray, batch: int, steps: int, epochs: int) -> dict:
     model = models.get_model("small_vgg", 10)
-    config = train.TrainConfig(batch_size=batch, crop_pad=0, flip=False)
-    state = train.create_state(model, config, steps_per_epoch=steps)
+    config = training.TrainConfig(batch_size=batch, crop_pad=0, flip=False)
+    state = training.create_state(model, config, steps_per_epoch=steps)
     xb, yb = jnp.asarray(x[:batch]), jnp.asarray(y[:batch])
     key = jax.random.PRNGKey(0)
 
     # --- plain jitted step
     t0 = time.perf_counter()
-    step = train.train_step.lower(state, (xb, yb), key, crop_pad=0, flip=False).compile()
+    step = training.train_step.lower(state, (xb, yb), key, crop_pad=0, flip=False).compile()
     step_compile = time.perf_counter() - t0
     state, m = step(state, (xb, yb), key)          # warm-up
     block(m)
@@ -78,7 +78,7 @@ def bench_jax(x: np.ndarray, y: np.ndarray, batch: int, steps: int, epochs: int)
     # --- an epoch of `steps` steps inside lax.scan (the trainer's path)
     xs, ys = jnp.asarray(x[: steps * batch]), jnp.asarray(y[: steps * batch])
     t0 = time.perf_counter()
-    epoch = train.train_epoch.lower(state, xs, ys, key, batch_size=batch, crop_pad=0, flip=False).compile()
+    epoch = training.train_epoch.lower(state, xs, ys, key, batch_size=batch, crop_pad=0, flip=False).compile()
     epoch_compile = time.perf_counter() - t0
     state, m = epoch(state, xs, ys, key)           # warm-up
     block(m)

@@ -4,7 +4,7 @@
 
 For each attack (BadNets, Blend, Trojan-WM, SIG, WaNet; target class 0): poison the first
 ``--n-train`` CIFAR-10 training images (``attacks.poison_dataset``), train a small VGG on them
-(``train.train``, a resumable run directory ``OUT/<attack>/train``), measure clean accuracy,
+(``training.train``, a resumable run directory ``OUT/<attack>/train``), measure clean accuracy,
 ``asr_all`` and ``asr_nontarget``, then run I-BAU from that model with each I-BAU setting
 (``ibau.make_round``: the same compiled round as ``ibau-jax unlearn``, with the masks of
 ``ibau-jax unlearn --mask-rng jax``) and measure again.
@@ -36,8 +36,8 @@ sys.path.insert(0, str(REPO))
 
 import jax  # noqa: E402
 
-from ibau_jax import attacks, checkpoints, data, models, train  # noqa: E402
-from ibau_jax.defenses import ibau  # noqa: E402
+from ibau_jax import attacks, checkpoints, data, models, rng, training  # noqa: E402
+from ibau_jax.defenses import CleanSet, ibau  # noqa: E402
 
 ATTACK_ORDER = ("badnets", "blend", "trojan_wm", "sig", "wanet")
 
@@ -89,35 +89,26 @@ def ibau_settings(args: argparse.Namespace) -> dict[str, ibau.IBAUConfig]:
     """The I-BAU settings to run from each poisoned model (name -> config)."""
     if args.rounds == 0:
         return {}
-    out = {"original": ibau.IBAUConfig.faithful()}  # batch 100, 1% perturbed, K=5, Adam 1e-3, radius 10
+    common = {"rounds": args.rounds, "mask_rng": "jax"}
+    out = {"original": ibau.IBAUConfig.faithful(**common)}  # batch 100, 1% perturbed, K=5, Adam 1e-3, radius 10
     for p in args.portion:
-        out[f"portion {p:g}"] = ibau.IBAUConfig.faithful(portion=p, outer_lr=args.outer_lr)
+        out[f"portion {p:g}"] = ibau.IBAUConfig.faithful(portion=p, outer_lr=args.outer_lr, **common)
     return out
 
 
-def unlearn(model, round_fn, config: ibau.IBAUConfig, variables, clean_x, clean_y, evaluate, rounds: int,
-            seed: int, label: str) -> list[dict[str, Any]]:
-    """``rounds`` I-BAU rounds as ``ibau-jax unlearn --mask-rng jax`` runs them (same masks for the same seed)."""
-    xb, yb = data.batches(clean_x, config.batch_size), data.batches(clean_y, config.batch_size)
-    params, batch_stats = variables["params"], variables["batch_stats"]
-    opt_state = config.outer_tx().init(params)
-    key = jax.random.PRNGKey(seed)
-    rows = []
-    for r in range(1, rounds + 1):
-        key, sub = jax.random.split(key)
-        masks = ibau.random_masks(sub, xb.shape[0], config)
-        t0 = time.perf_counter()
-        out = jax.block_until_ready(round_fn(params, batch_stats, opt_state, xb, yb, masks))
-        seconds = time.perf_counter() - t0
-        params, opt_state = out.params, out.opt_state
-        if not all(bool(np.isfinite(np.asarray(a)).all()) for a in jax.tree.leaves(params)):
-            raise RuntimeError(f"{label}: round {r} produced non-finite parameters")
-        m = evaluate({"params": params, "batch_stats": batch_stats})
-        m.update(round=r, seconds=round(seconds, 2))
-        rows.append(m)
-        print(f"  {label:<14} round {r}: {fmt(m)}  ({seconds:.1f} s{', incl. compile' if r == 1 else ''})",
-              flush=True)
-    return rows
+def unlearn(model, config: ibau.IBAUConfig, variables, clean_x, clean_y, evaluate, seed: int,
+            label: str) -> list[dict[str, Any]]:
+    """``config.rounds`` I-BAU rounds through the library's defense, as ``ibau-jax defend --defense ibau
+    --seed SEED`` runs them (``mask_rng="jax"``: round r's masks from the r-th split of PRNGKey(seed))."""
+    def callback(r, v, record):
+        m = evaluate(v)
+        print(f"  {label:<14} round {r}: {fmt(m)}  ({record['seconds']:.1f} s)", flush=True)
+        return m
+
+    res = ibau.IBAU(config).run(model, variables, CleanSet(clean_x, clean_y, 10), jax.random.PRNGKey(seed),
+                                callback=callback)
+    return [{k: h[k] for k in ("round", "seconds", "clean_acc", "asr_all", "asr_nontarget", "robust_acc")}
+            for h in res.history]
 
 
 def fmt(m: dict[str, float]) -> str:
@@ -125,16 +116,17 @@ def fmt(m: dict[str, float]) -> str:
 
 
 def run_attack(name: str, args: argparse.Namespace, cfg: dict[str, Any], sets: dict[str, Any], model,
-               round_fns: dict[str, Any], settings: dict[str, ibau.IBAUConfig]) -> dict[str, Any]:
+               settings: dict[str, ibau.IBAUConfig]) -> dict[str, Any]:
     t_start = time.perf_counter()
     attack = attacks.make_attack(name, num_classes=10, target=args.target, trigger_dir=sets["trigger_dir"],
-                                 seed=args.seed, **cfg["options"])
-    poisoned = attacks.poison_dataset(sets["train_x"], sets["train_y"], attack, cfg["ratio"], args.seed)
+                                 seed=rng.streams(args.seed).seed_of("trigger"), **cfg["options"])
+    poisoned = attacks.poison_dataset(sets["train_x"], sets["train_y"], attack, cfg["ratio"],
+                                      rng.streams(args.seed).seed_of("poison"))
     asr_x, asr_t, _ = attacks.asr_test_set(sets["test_x"], sets["test_y"], attack)
-    eval_sets = train.EvalSets(sets["test_x"], sets["test_y"], asr_x, asr_t, sets["test_y"])
+    eval_sets = training.EvalSets(sets["test_x"], sets["test_y"], asr_x, asr_t, sets["test_y"])
     evaluate = lambda v: eval_sets.evaluate(model, v)  # noqa: E731
 
-    tcfg = train.TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+    tcfg = training.TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                              crop_pad=args.crop_pad, eval_every=args.eval_every)
     run_dir = Path(args.out) / name / "train"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -143,10 +135,10 @@ def run_attack(name: str, args: argparse.Namespace, cfg: dict[str, Any], sets: d
                   "n_train": len(poisoned.y)}
     meta = {"model": "small_vgg", "widths": list(args.widths), "num_classes": 10, "dataset": "cifar10",
             "attack": name, "target": attack.target, "poison_ratio": cfg["ratio"]}
-    resume = (run_dir / train.RUN_JSON).exists()
+    resume = (run_dir / training.CHECKPOINTS).exists()  # also a run killed before its first epoch
     t0 = time.perf_counter()
-    state, history = train.train(model, poisoned.x, poisoned.y, tcfg, eval_sets=eval_sets, run_dir=run_dir,
-                                 run_config=run_config, meta=meta, resume=resume, quiet=args.quiet)
+    state, history = training.train(model, poisoned.x, poisoned.y, tcfg, eval_sets=eval_sets, run_dir=run_dir,
+                                    run_config=run_config, meta=meta, resume=resume, quiet=args.quiet)
     train_seconds = time.perf_counter() - t0
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     before = evaluate(variables)
@@ -156,8 +148,8 @@ def run_attack(name: str, args: argparse.Namespace, cfg: dict[str, Any], sets: d
     after = {}
     for label, config in settings.items():
         after[label] = {"ibau": dataclasses.asdict(config),
-                        "rounds": unlearn(model, round_fns[label], config, variables, sets["clean_x"],
-                                          sets["clean_y"], evaluate, args.rounds, args.seed, label)}
+                        "rounds": unlearn(model, config, variables, sets["clean_x"], sets["clean_y"], evaluate,
+                                          args.seed, label)}
     return {"attack": name, "poison_ratio": cfg["ratio"], "options_resolved": attack.params,
             "n_poisoned": int(len(poisoned.poisoned_idx)), "n_noise": int(len(poisoned.noise_idx)),
             "train_history": history, "train_seconds": round(sum(r["seconds"] for r in history), 1),
@@ -251,7 +243,6 @@ def main() -> None:
 
     model = models.SmallVGG(10, widths=tuple(args.widths))
     settings = ibau_settings(args)
-    round_fns = {label: ibau.make_round(model, c) for label, c in settings.items()}  # compiled once, reused
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     common = {k: getattr(args, k) for k in ("n_train", "epochs", "batch_size", "lr", "crop_pad", "widths", "target",
@@ -271,13 +262,13 @@ def main() -> None:
                 summary["results"][name] = done
                 continue
             raise SystemExit(f"{path} was made with other settings; delete {out / name} or choose another --out")
-        if (out / name / "train" / train.RUN_JSON).exists():
-            old = train.read_run(out / name / "train")["config"]
+        if (out / name / "train" / training.RUN_JSON).exists():
+            old = training.read_run(out / name / "train")["config"]
             if old.get("poison_ratio") != cfg["ratio"] or old.get("attack_options") != cfg["options"]:
                 raise SystemExit(f"{out / name / 'train'} holds a training run with other attack settings; "
                                  f"delete {out / name} or choose another --out")
         print(f"[{name}] poison ratio {cfg['ratio']}, options {cfg['options'] or 'defaults'}", flush=True)
-        res = run_attack(name, args, cfg, sets, model, round_fns, settings)
+        res = run_attack(name, args, cfg, sets, model, settings)
         res = {"config": config, **res}
         write_json(path, res)
         summary["results"][name] = res

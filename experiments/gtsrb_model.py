@@ -24,7 +24,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from ibau_jax import attacks, checkpoints, data, metrics, models, train  # noqa: E402
+from ibau_jax import attacks, checkpoints, data, metrics, models, rng, training  # noqa: E402
 
 
 def main() -> None:
@@ -50,7 +50,7 @@ def main() -> None:
     x_tr, y_tr = data.to_float(gtsrb.x[:args.n_train]), gtsrb.y[:args.n_train]
     x_te, y_te = data.to_float(gtsrb.x[args.n_train:]), gtsrb.y[args.n_train:]
     model = models.SmallVGG(gtsrb.num_classes, widths=tuple(args.widths))
-    config = train.TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, flip=False,
+    config = training.TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, flip=False,
                                seed=args.seed, eval_every=args.epochs)
     majority = float(np.bincount(y_te, minlength=gtsrb.num_classes).max() / len(y_te))
 
@@ -58,16 +58,18 @@ def main() -> None:
     variants = [("clean", None)]
     if args.badnets_ratio > 0:
         variants.append(("badnets", attacks.make_attack("badnets", num_classes=gtsrb.num_classes,
-                                                        target=args.target, seed=args.seed)))
+                                                        target=args.target,
+                                                        seed=rng.streams(args.seed).seed_of("trigger"))))
     for name, attack in variants:
         t0 = time.perf_counter()
         if attack is None:
             xs, ys, eval_sets = x_tr, y_tr, None
         else:
-            poisoned = attacks.poison_dataset(x_tr, y_tr, attack, args.badnets_ratio, args.seed)
+            poisoned = attacks.poison_dataset(x_tr, y_tr, attack, args.badnets_ratio,
+                                              rng.streams(args.seed).seed_of("poison"))
             asr_x, asr_t, _ = attacks.asr_test_set(x_te, y_te, attack)
-            xs, ys, eval_sets = poisoned.x, poisoned.y, train.EvalSets(x_te, y_te, asr_x, asr_t, y_te)
-        state, history = train.train(model, xs, ys, config, quiet=args.quiet, log=lambda s: None)
+            xs, ys, eval_sets = poisoned.x, poisoned.y, training.EvalSets(x_te, y_te, asr_x, asr_t, y_te)
+        state, history = training.train(model, xs, ys, config, quiet=args.quiet, log=lambda s: None)
         variables = {"params": state.params, "batch_stats": state.batch_stats}
         if attack is None:
             m = {"clean_acc": metrics.accuracy(metrics.predict(model.apply, variables, x_te), y_te)}

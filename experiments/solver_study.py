@@ -95,7 +95,7 @@ def _f(x: Any) -> float:
 
 
 def write_json(path: Path, result: dict) -> None:
-    from ibau_jax.cli import write_atomic
+    from ibau_jax.results import write_atomic
 
     write_atomic(path, json.dumps(result, indent=2) + "\n")
 

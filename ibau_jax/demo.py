@@ -18,48 +18,34 @@ from typing import Any
 import numpy as np
 
 
-@dataclasses.dataclass
-class DemoData:
-    train_x: np.ndarray   # (N, 32, 32, 3) float32 in [0, 1]
-    train_y: np.ndarray   # (N,) int32
-    clean_x: np.ndarray   # defender's clean set
-    clean_y: np.ndarray
-    test_x: np.ndarray    # clean accuracy / ASR set
-    test_y: np.ndarray
-    num_classes: int
-    name: str
+@dataclasses.dataclass(frozen=True)
+class DemoConfig:
+    """The demo's settings (``ibau-jax demo -h`` documents each)."""
 
+    dataset: str = "digits"
+    data_dir: str | None = None
+    no_download: bool = False
+    n_train: int = 5000
+    n_clean: int = 300
+    n_test: int = 300
+    target: int = 0
+    poison_ratio: float = 0.1
+    widths: tuple = (16, 32, 64)
+    epochs: int = 12
+    train_batch_size: int = 64
+    lr: float = 0.02
+    rounds: int = 10
+    ibau_batch_size: int = 50
+    portion: float = 0.4
+    outer_lr: float = 2e-3
+    K: int = 5
+    seed: int = 0
+    out: str = "runs/demo"
+    quiet: bool = False
 
-def load_digits_32(seed: int, n_clean: int, n_test: int) -> DemoData:
-    """sklearn digits -> 32×32×3 float32 (nearest upsampling ×4), split by a seeded permutation."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = (d.images / 16.0).astype(np.float32)                      # (1797, 8, 8)
-    x = np.repeat(np.repeat(x, 4, axis=1), 4, axis=2)              # (1797, 32, 32)
-    x = np.repeat(x[..., None], 3, axis=-1)                        # (1797, 32, 32, 3)
-    y = d.target.astype(np.int32)
-    perm = np.random.default_rng(seed).permutation(len(y))
-    x, y = x[perm], y[perm]
-    if n_clean + n_test >= len(y):
-        raise ValueError(f"--n-clean {n_clean} + --n-test {n_test} leave no digits to train on (1797 in all)")
-    c, t = n_clean, n_clean + n_test
-    return DemoData(x[t:], y[t:], x[:c], y[:c], x[c:t], y[c:t], 10, "digits")
-
-
-def load_cifar10_subsets(data_dir: str | None, seed: int, n_train: int, n_clean: int, n_test: int,
-                         download: bool) -> DemoData:
-    """Random subsets: train from CIFAR-10's training set, clean and test from its test set."""
-    from . import data
-
-    test = data.load_cifar10(data_dir, split="test", download=download)
-    train = data.load_cifar10(data_dir, split="train", download=download)
-    rng = np.random.default_rng(seed)
-    tr = rng.permutation(len(train))[:n_train]
-    te = rng.permutation(len(test))[: n_clean + n_test]
-    f = data.to_float
-    return DemoData(f(train.x[tr]), train.y[tr], f(test.x[te[:n_clean]]), test.y[te[:n_clean]],
-                    f(test.x[te[n_clean:]]), test.y[te[n_clean:]], 10, "cifar10")
+    def ibau_overrides(self) -> dict[str, Any]:
+        return {"batch_size": self.ibau_batch_size, "portion": self.portion, "outer_lr": self.outer_lr,
+                "K": self.K, "rounds": self.rounds}
 
 
 def _report_md(rep: dict[str, Any]) -> str:
@@ -69,11 +55,12 @@ def _report_md(rep: dict[str, Any]) -> str:
              f"Train {c['n_train']} / clean {c['n_clean']} / test {c['n_test']} images; small_vgg widths "
              f"{c['widths']}, {c['epochs']} epochs; I-BAU {c['rounds']} rounds (batch {c['ibau']['batch_size']}, "
              f"portion {c['ibau']['portion']}, outer lr {c['ibau']['outer_lr']}, K {c['ibau']['K']}); seed {c['seed']}.",
-             "", "| stage | clean acc | ASR (all) | ASR (non-target) | seconds |", "|---|---|---|---|---|"]
+             "", "| stage | clean acc | ASR (all) | ASR (non-target) | RA | seconds |", "|---|---|---|---|---|---|"]
     for r in rep["rows"]:
         lines.append(f"| {r['stage']} | {r['clean_acc']:.4f} | {r['asr_all']:.4f} | {r['asr_nontarget']:.4f} | "
-                     f"{r['seconds']:.1f} |")
-    lines += ["", f"Total {rep['seconds']:.1f} s. Figures: `curves.png`, `trigger.png`, `delta.png`."]
+                     f"{r['robust_acc']:.4f} | {r['seconds']:.1f} |")
+    lines += ["", f"DER {rep['der']:.4f}. I-BAU: {rep['ibau_seconds']:.1f} s of rounds, {rep['ibau_compile_seconds']:.1f} s "
+              f"compiling. Total {rep['seconds']:.1f} s. Figures: `curves.png`, `trigger.png`, `delta.png`."]
     return "\n".join(lines) + "\n"
 
 
@@ -117,71 +104,93 @@ def _figures(out: Path, rep: dict[str, Any], clean_img: np.ndarray, trig_img: np
     plt.close(fig)
 
 
-def run_demo(args) -> dict[str, Any]:
-    """Poison -> train -> I-BAU rounds -> report.md, curves.png, trigger.png, delta.png in ``args.out``."""
+def check(config: DemoConfig) -> None:
+    """Every setting checked before any data is read or any program compiled."""
+    from . import defenses, results
+    from .errors import ConfigError
+
+    if config.dataset not in ("digits", "cifar10"):
+        raise ConfigError(f"unknown demo dataset {config.dataset!r}; choose digits or cifar10")
+    if not 0 <= config.target < 10:
+        raise ConfigError(f"--target {config.target} is outside 0..9")
+    if config.dataset == "digits" and config.n_clean + config.n_test >= 1797:
+        raise ConfigError(f"--n-clean {config.n_clean} + --n-test {config.n_test} leave no digits to train on "
+                          "(1797 in all); lower them")
+    if config.n_clean < config.ibau_batch_size:
+        raise ConfigError(f"--n-clean {config.n_clean} is smaller than one I-BAU batch "
+                          f"(--ibau-batch-size {config.ibau_batch_size}); raise it or lower the batch")
+    defenses.get("ibau", **config.ibau_overrides())       # validates the I-BAU settings
+    results.check_writable(Path(config.out) / "report.json", "--out")
+
+
+def run_demo(config: DemoConfig) -> dict[str, Any]:
+    """Poison -> train -> I-BAU rounds -> report.md, curves.png, trigger.png, delta.png in ``config.out``.
+
+    Random streams (``rng.streams(seed)``): the data split uses ``seed`` itself (as before),
+    poisoning the "poison" stream, training "init" and "epochs", I-BAU the key ``PRNGKey(seed)``.
+    """
     import jax
 
-    from . import attacks, models, train
-    from .defenses import ibau
-    from .cli import write_atomic
+    from . import attacks, defenses, metrics, models, results, rng, training
+    from .data import digits
 
+    check(config)
     t_start = time.perf_counter()
-    if args.dataset == "digits":
-        d = load_digits_32(args.seed, args.n_clean, args.n_test)
+    streams = rng.streams(config.seed)
+    if config.dataset == "digits":
+        d = digits.load_digits_32(config.seed, config.n_clean, config.n_test)
     else:
-        d = load_cifar10_subsets(args.data_dir, args.seed, args.n_train, args.n_clean, args.n_test,
-                                 download=not args.no_download)
-    attack = attacks.make_attack("badnets", num_classes=d.num_classes, target=args.target, seed=args.seed)
-    poisoned = attacks.poison_dataset(d.train_x, d.train_y, attack, args.poison_ratio, args.seed)
+        d = digits.load_cifar10_subsets(config.data_dir, config.seed, config.n_train, config.n_clean,
+                                        config.n_test, download=not config.no_download)
+    attack = attacks.make_attack("badnets", num_classes=d.num_classes, target=config.target,
+                                 seed=streams.seed_of("trigger"))
+    poisoned = attacks.poison_dataset(d.train_x, d.train_y, attack, config.poison_ratio, streams.seed_of("poison"))
     asr_x, asr_t, _ = attacks.asr_test_set(d.test_x, d.test_y, attack)
-    eval_sets = train.EvalSets(d.test_x, d.test_y, asr_x, asr_t, d.test_y)
+    eval_sets = training.EvalSets(d.test_x, d.test_y, asr_x, asr_t, d.test_y)
 
-    widths = tuple(args.widths)
+    widths = tuple(config.widths)
     model = models.SmallVGG(d.num_classes, widths=widths)  # canonical conv: fast inside scans on CPU
-    tcfg = train.TrainConfig(epochs=args.epochs, batch_size=args.train_batch_size, lr=args.lr,
-                             crop_pad=2 if args.dataset == "digits" else 4,
-                             flip=args.dataset != "digits",  # mirrored digits are other symbols
-                             seed=args.seed, eval_every=args.epochs)
+    tcfg = training.TrainConfig(epochs=config.epochs, batch_size=config.train_batch_size, lr=config.lr,
+                                crop_pad=2 if config.dataset == "digits" else 4,
+                                flip=config.dataset != "digits",  # mirrored digits are other symbols
+                                seed=config.seed, eval_every=config.epochs)
     t0 = time.perf_counter()
-    state, _ = train.train(model, poisoned.x, poisoned.y, tcfg, eval_sets=eval_sets, quiet=args.quiet,
-                           log=lambda s: None)
+    state, _ = training.train(model, poisoned.x, poisoned.y, tcfg, eval_sets=eval_sets, quiet=config.quiet,
+                              log=lambda s: None)
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     before = eval_sets.evaluate(model, variables)
     rows = [{"stage": "poisoned (trained)", **before, "seconds": time.perf_counter() - t0}]
     print(f"trained   clean_acc {before['clean_acc']:.4f}  asr_all {before['asr_all']:.4f}  "
           f"asr_nontarget {before['asr_nontarget']:.4f}  ({rows[0]['seconds']:.1f} s)", flush=True)
 
-    config = ibau.IBAUConfig.faithful(batch_size=args.ibau_batch_size, portion=args.portion,
-                                      outer_lr=args.outer_lr, K=args.K)
-    n = (len(d.clean_x) // config.batch_size) * config.batch_size
-    xb = d.clean_x[:n].reshape(-1, config.batch_size, *d.clean_x.shape[1:])
-    yb = d.clean_y[:n].reshape(-1, config.batch_size)
-    round_fn = ibau.make_round(model, config)
-    params, batch_stats = state.params, state.batch_stats
-    opt_state = config.outer_tx().init(params)
-    all_masks = ibau.seed_masks(args.seed, args.rounds, xb.shape[0], config, rng="jax")
-    delta = None
-    for r in range(1, args.rounds + 1):
-        t0 = time.perf_counter()
-        out = jax.block_until_ready(round_fn(params, batch_stats, opt_state, xb, yb, all_masks[r - 1]))
-        params, opt_state, delta = out.params, out.opt_state, np.asarray(out.delta)
-        m = eval_sets.evaluate(model, {"params": params, "batch_stats": batch_stats})
-        rows.append({"stage": f"round {r}", **m, "seconds": time.perf_counter() - t0})
-        print(f"round {r:<3} clean_acc {m['clean_acc']:.4f}  asr_all {m['asr_all']:.4f}  "
-              f"asr_nontarget {m['asr_nontarget']:.4f}  ({rows[-1]['seconds']:.1f} s"
-              f"{', incl. compile' if r == 1 else ''})", flush=True)
+    defense = defenses.get("ibau", **config.ibau_overrides())
 
-    out_dir = Path(args.out)
+    def callback(r, v, record):
+        m = eval_sets.evaluate(model, v)
+        rows.append({"stage": f"round {r}", **m, "seconds": record["seconds"]})
+        print(f"round {r:<3} clean_acc {m['clean_acc']:.4f}  asr_all {m['asr_all']:.4f}  "
+              f"asr_nontarget {m['asr_nontarget']:.4f}  ({record['seconds']:.1f} s)", flush=True)
+        return m
+
+    clean = defenses.CleanSet(d.clean_x, d.clean_y, d.num_classes)
+    res = defense.run(model, jax.device_get(variables), clean, jax.random.PRNGKey(config.seed), callback=callback)
+    print(f"I-BAU: {res.seconds:.1f} s for {config.rounds} rounds, {res.compile_seconds:.1f} s compiling", flush=True)
+
+    out_dir = Path(config.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rep = {"config": {"dataset": d.name, "attack": "badnets", "target": args.target,
-                      "poison_ratio": args.poison_ratio, "n_train": len(d.train_y), "n_clean": int(n),
-                      "n_test": len(d.test_y), "widths": list(widths), "epochs": args.epochs, "seed": args.seed,
-                      "rounds": args.rounds, "ibau": dataclasses.asdict(config), "train": dataclasses.asdict(tcfg)},
+    n_clean = res.diagnostics["num_batches"] * defense.config.batch_size
+    rep = {"config": {"dataset": d.name, "attack": "badnets", "target": config.target,
+                      "poison_ratio": config.poison_ratio, "n_train": len(d.train_y), "n_clean": int(n_clean),
+                      "n_test": len(d.test_y), "widths": list(widths), "epochs": config.epochs, "seed": config.seed,
+                      "rounds": config.rounds, "ibau": dataclasses.asdict(defense.config),
+                      "train": dataclasses.asdict(tcfg)},
            "rows": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in rows],
+           "der": metrics.der(before, rows[-1]), "ibau_seconds": round(res.seconds, 1),
+           "ibau_compile_seconds": round(res.compile_seconds, 1),
            "seconds": round(time.perf_counter() - t_start, 1)}
-    write_atomic(out_dir / "report.json", json.dumps(rep, indent=2) + "\n")
-    write_atomic(out_dir / "report.md", _report_md(rep))
-    idx = int(np.flatnonzero(d.test_y != args.target)[0])
-    _figures(out_dir, rep, d.test_x[idx], asr_x[idx], delta)
+    results.write_atomic(out_dir / "report.json", results.dumps(rep))
+    results.write_atomic(out_dir / "report.md", _report_md(rep))
+    idx = int(np.flatnonzero(d.test_y != config.target)[0])
+    _figures(out_dir, rep, d.test_x[idx], asr_x[idx], np.asarray(res.artifacts["delta"]))
     print(f"wrote {out_dir}/report.md, curves.png, trigger.png, delta.png ({rep['seconds']:.1f} s in all)")
     return rep

@@ -54,14 +54,12 @@ class Experiment:
         return (xb[:limit], yb[:limit]) if limit else (xb, yb)
 
     def evaluate(self, variables: Any, mesh: Any = None) -> dict[str, float]:
-        """``{'clean_acc', 'asr_all', 'asr_nontarget'}`` of ``variables``, sharded over ``mesh``
-        (``parallel.make_mesh``) when given."""
-        from . import metrics, parallel
+        """``{'clean_acc', 'asr_all', 'asr_nontarget', 'robust_acc'}`` of ``variables``, sharded
+        over ``mesh`` (``sharding.mesh_for``; any device count) when given."""
+        from . import metrics
 
-        sets = (self.acc_x, self.acc_y, self.asr_x, self.asr_t, self.clean_y)
-        if mesh is None:
-            return metrics.evaluate(self.model.apply, variables, *sets)
-        return parallel.evaluate(self.model.apply, variables, *sets, mesh)
+        return metrics.evaluate(self.model.apply, variables, self.acc_x, self.acc_y, self.asr_x, self.asr_t,
+                                self.clean_y, mesh=mesh)
 
 
 def load_test_set(dataset: str, data_dir: str | os.PathLike | None, download: bool = True,
@@ -87,10 +85,11 @@ def load(checkpoint: str | os.PathLike, *, dataset: str = "cifar10",
     """Load the weights at ``checkpoint`` (PyTorch ``.pth`` or ibau-jax ``.npz``) into ``model``,
     the test split of ``dataset``, and ``attack``'s trigger; split as the original code.
 
-    ``attack``: one of the original triggers (``attacks.ATTACKS``: badnets, trojan_sq, ...,
-    applied exactly by the original rule, files from ``trigger_dir``) or an attack of the
-    extended suite (``attacks.make_attack``; ``attack_seed`` must be the seed it was trained
-    with, since blend and wanet triggers are seeded). ``download=False`` never downloads.
+    ``attack``: a registered attack (``attacks.ATTACK_NAMES``): the original triggers (badnets,
+    trojan_sq, ..., applied exactly by the original rule, files from ``trigger_dir``) or the
+    rest of the suite (``attack_seed`` must be the seed it was trained with, since blend and
+    wanet triggers are seeded). The ASR set is ``attacks.asr_test_set`` of the clean set.
+    ``download=False`` never downloads.
     Bad input raises ``data.DataError``, ``checkpoints.CheckpointError`` or
     ``attacks.AttackError`` with a message that names the problem and the fix.
     """
@@ -101,12 +100,8 @@ def load(checkpoint: str | os.PathLike, *, dataset: str = "cifar10",
     target = attacks.check_target(target, test.num_classes)
     variables, _ = checkpoints.load_model(checkpoint, model, test.num_classes)
     clean_x = data.to_float(clean.x)
-    if attack in attacks.ATTACKS:
-        trigger = attacks.load_trigger(attack, trigger_dir)
-        asr_x, asr_t = attacks.poisoned_test_set(clean_x, clean.y, trigger, target)
-    else:
-        suite_attack = attacks.make_attack(attack, num_classes=test.num_classes, target=target,
-                                           trigger_dir=trigger_dir, seed=attack_seed)
-        asr_x, asr_t, _ = attacks.asr_test_set(clean_x, clean.y, suite_attack)
+    the_attack = attacks.get(attack, num_classes=test.num_classes, target=target,
+                             trigger_dir=trigger_dir, seed=attack_seed)
+    asr_x, asr_t, _ = attacks.asr_test_set(clean_x, clean.y, the_attack)
     return Experiment(models.get_model(model, test.num_classes), variables, test.num_classes, target,
                       clean_x, np.asarray(clean.y), data.to_float(acc_set.x), np.asarray(acc_set.y), asr_x, asr_t)

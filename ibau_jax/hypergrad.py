@@ -31,6 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from .errors import ConfigError
+
 with warnings.catch_warnings():
     # jaxopt is unmaintained and warns on import; it is pinned and used only in this module.
     warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -57,7 +59,7 @@ def neumann(K: int, step: float = 1.0) -> Solve:
     ``.iterations = K``; :func:`solve_with_info` uses them to flag a growing residual.
     """
     if K < 1:
-        raise ValueError(f"neumann needs K >= 1, got K={K}")
+        raise ConfigError(f"neumann needs K >= 1, got K={K}")
 
     def run(matvec, b):
         def body(_, carry):
@@ -209,7 +211,7 @@ def krylov(name: str, tol: float = 1e-6, maxiter: int | None = None,
     ``.with_iterations(matvec, b) -> (x, iterations)``.
     """
     if name not in KRYLOV:
-        raise ValueError(f"unknown Krylov solver {name!r}; choose one of {', '.join(KRYLOV)}")
+        raise ConfigError(f"unknown Krylov solver {name!r}; choose one of {', '.join(KRYLOV)}")
 
     def run(matvec, b):
         if name == "normal_cg":
@@ -238,6 +240,10 @@ def krylov(name: str, tol: float = 1e-6, maxiter: int | None = None,
         try:
             return jax.lax.custom_linear_solve(matvec, b, run, transpose_solve=run, has_aux=True)
         except NotImplementedError:
+            _warn_once(name, f"solver {name!r}: the linear system's matvec cannot be transposed (the model has "
+                             "custom_vjp layers), so this solve is not differentiable a second time; the "
+                             "hypergradient itself is exact, but a derivative OF it is not (use solver='cg' on "
+                             "a symmetric system, or 'dense', for grad-of-hypergradient)")
             return run(matvec, b)
 
     def solve(matvec, b):
@@ -245,6 +251,16 @@ def krylov(name: str, tol: float = 1e-6, maxiter: int | None = None,
 
     solve.with_iterations = with_iterations
     return solve
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    """A ``HypergradWarning`` the first time ``key`` occurs in this process (fallbacks are said, once)."""
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, HypergradWarning, stacklevel=3)
 
 
 def make_solve(name: str, *, K: int = 5, step: float = 1.0, tol: float = 1e-6,
@@ -262,7 +278,7 @@ def make_solve(name: str, *, K: int = 5, step: float = 1.0, tol: float = 1e-6,
         return dense_solve
     if name in KRYLOV:
         return krylov(name, tol=tol, maxiter=maxiter, ridge=ridge)
-    raise ValueError(f"unknown solver {name!r}; choose one of {', '.join(SOLVERS)}")
+    raise ConfigError(f"unknown solver {name!r}; choose one of {', '.join(SOLVERS)}")
 
 
 class HypergradInfo(NamedTuple):
@@ -407,10 +423,10 @@ def unrolled_hypergrad(step_fn: Callable[[PyTree, PyTree], PyTree],
     result unless the early iterates did not depend on θ. Both are ``lax.scan`` loops.
     """
     if T < 0:
-        raise ValueError(f"unrolled_hypergrad needs T >= 0, got T={T}")
+        raise ConfigError(f"unrolled_hypergrad needs T >= 0, got T={T}")
     k = T if truncate is None else truncate
     if not 0 <= k <= T:
-        raise ValueError(f"truncate must be in [0, T={T}], got {truncate}")
+        raise ConfigError(f"truncate must be in [0, T={T}], got {truncate}")
 
     def run(x, th, n):
         if n == 0:

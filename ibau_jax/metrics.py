@@ -1,20 +1,33 @@
-"""Clean accuracy and attack success rate (ASR), in both conventions.
+"""Clean accuracy, attack success rate (ASR) in both conventions, robust accuracy and DER.
 
+- ``clean_acc``: accuracy on clean images;
 - ``asr_all``: every triggered image counts (the original I-BAU code; a clean model scores
   about 1/classes because target-class images are included);
-- ``asr_nontarget``: only images whose true class differs from the target (BackdoorBench).
+- ``asr_nontarget``: only images whose true class differs from the target (BackdoorBench);
+- ``robust_acc`` (RA): accuracy of the triggered non-target images against their TRUE labels
+  (BackdoorBench): how many backdoored inputs a defended model still classifies correctly;
+- ``der``: BackdoorBench's defense effectiveness rating of a defense, from the metrics before
+  and after it, DER = [max(0, ΔASR) − max(0, ΔACC) + 1] / 2 with ΔASR = ASR_before − ASR_after
+  (asr_all) and ΔACC = ACC_before − ACC_after (clean_acc); 1 is best, 0.5 no change.
+
+Evaluation batches run in one compiled loop, optionally split over a device mesh
+(``sharding``); any device count works (the eval batch is rounded up to a multiple of it and
+the padding dropped).
 """
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import sharding
+
 # apply_fn(variables, x (N, H, W, C)) -> logits (N, classes); must be hashable (it is a static jit argument).
 ApplyFn = Callable[[Any, jax.Array], jax.Array]
+METRICS = ("clean_acc", "asr_all", "asr_nontarget", "robust_acc")
 
 
 def pad_to_batches(x: Any, batch_size: int) -> tuple[np.ndarray, int]:
@@ -32,14 +45,20 @@ def predict_batches(apply_fn: ApplyFn, variables: Any, xb: jax.Array) -> jax.Arr
     return jax.lax.map(lambda xi: jnp.argmax(apply_fn(variables, xi), -1), xb)
 
 
-def predict(apply_fn: ApplyFn, variables: Any, x: np.ndarray | jax.Array, batch_size: int = 500) -> np.ndarray:
+def predict(apply_fn: ApplyFn, variables: Any, x: np.ndarray | jax.Array, batch_size: int = 500,
+            mesh: Any = None) -> np.ndarray:
     """Argmax predictions (N,) of ``apply_fn(variables, .)`` over x (N, H, W, C).
 
     Batches run inside one compiled loop; the tail is padded to a whole batch and dropped,
-    so any N works.
+    so any N works. With ``mesh`` each batch is split over its devices (the batch size is
+    rounded up to a multiple of the device count).
     """
-    xb, n = pad_to_batches(x, batch_size)
-    return np.asarray(predict_batches(apply_fn, variables, xb)).reshape(-1)[:n]
+    if mesh is None:
+        xb, n = pad_to_batches(x, batch_size)
+        return np.asarray(predict_batches(apply_fn, variables, xb)).reshape(-1)[:n]
+    xb, n = pad_to_batches(x, sharding.padded_size(batch_size, mesh))
+    preds = predict_batches(apply_fn, sharding.replicate(mesh, variables), sharding.shard(mesh, xb, axis=1))
+    return sharding.gather(preds, mesh).reshape(-1)[:n]
 
 
 def accuracy(preds: np.ndarray, labels: np.ndarray) -> float:
@@ -48,21 +67,33 @@ def accuracy(preds: np.ndarray, labels: np.ndarray) -> float:
 
 
 def attack_success(preds: np.ndarray, targets: np.ndarray, true_labels: np.ndarray) -> dict[str, float]:
-    """ASR of predictions on triggered images.
+    """ASR and robust accuracy of predictions on triggered images.
 
     preds, targets (the attack's label for each image), true_labels: (N,).
-    Returns ``{'asr_all', 'asr_nontarget'}``.
+    Returns ``{'asr_all', 'asr_nontarget', 'robust_acc'}``; the last two count only the images
+    whose true label differs from their attack label (None when there is none).
     """
     preds, targets, true_labels = map(np.asarray, (preds, targets, true_labels))
     hit = preds == targets
     keep = true_labels != targets
     return {"asr_all": float(hit.mean()),
-            "asr_nontarget": float(hit[keep].mean()) if keep.any() else float("nan")}
+            "asr_nontarget": float(hit[keep].mean()) if keep.any() else None,
+            "robust_acc": float((preds[keep] == true_labels[keep]).mean()) if keep.any() else None}
 
 
 def evaluate(apply_fn: ApplyFn, variables: Any, acc_x: np.ndarray, acc_y: np.ndarray, asr_x: np.ndarray,
-             asr_targets: np.ndarray, asr_true: np.ndarray, batch_size: int = 500) -> dict[str, float]:
-    """``{'clean_acc', 'asr_all', 'asr_nontarget'}`` of a model on an accuracy set and a triggered set."""
-    out = {"clean_acc": accuracy(predict(apply_fn, variables, acc_x, batch_size), acc_y)}
-    out.update(attack_success(predict(apply_fn, variables, asr_x, batch_size), asr_targets, asr_true))
+             asr_targets: np.ndarray, asr_true: np.ndarray, batch_size: int = 500,
+             mesh: Any = None) -> dict[str, float]:
+    """``{'clean_acc', 'asr_all', 'asr_nontarget', 'robust_acc'}`` of a model on an accuracy set
+    and a triggered set (``asr_true``: the triggered images' true labels)."""
+    out = {"clean_acc": accuracy(predict(apply_fn, variables, acc_x, batch_size, mesh), acc_y)}
+    out.update(attack_success(predict(apply_fn, variables, asr_x, batch_size, mesh), asr_targets, asr_true))
     return out
+
+
+def der(before: Mapping[str, float], after: Mapping[str, float]) -> float:
+    """Defense effectiveness rating, [max(0, ΔASR) − max(0, ΔACC) + 1] / 2, from ``asr_all`` and
+    ``clean_acc`` before and after a defense (BackdoorBench, Wu et al. 2022)."""
+    d_asr = before["asr_all"] - after["asr_all"]
+    d_acc = before["clean_acc"] - after["clean_acc"]
+    return (max(0.0, d_asr) - max(0.0, d_acc) + 1.0) / 2.0

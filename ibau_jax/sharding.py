@@ -126,3 +126,13 @@ def to_host(tree: PyTree) -> PyTree:
 def gather(x: jax.Array, mesh: Mesh) -> np.ndarray:
     """A sharded array gathered to every process as numpy (a replicated copy, then the local one)."""
     return to_host(jax.jit(lambda a: a, out_shardings=replicated(mesh))(x))
+
+
+def check_divisible(n: int, mesh: Mesh) -> None:
+    """ConfigError unless n examples split evenly over the mesh (for programs that do not pad)."""
+    d = num_devices(mesh)
+    if n % d:
+        lo, hi = n - n % d, n + d - n % d
+        raise ConfigError(f"batch size {n} is not divisible by the {d} devices of the mesh; "
+                          f"use a batch size that is a multiple of {d} (e.g. {lo or hi} or {hi}) "
+                          f"or a device count that divides {n}")

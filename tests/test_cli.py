@@ -29,14 +29,19 @@ def test_unlearn_round_removes_backdoor(tmp_path, capsys):
     assert cli.main(["unlearn", *_args("--rounds", "1", "--seed", "0", "--out", str(out),
                                        "--save", str(save), "--quiet")]) == 0
     res = json.loads(out.read_text())
-    assert set(res) == {"config", "before", "rounds"}
-    before, after = res["before"], res["rounds"][0]
+    assert {"defense", "config", "before", "after", "der", "history", "seconds", "compile_seconds"} <= set(res)
+    assert res["defense"] == "ibau" and res["complete"] is True and res["config"]["rounds"] == 1
+    before, after = res["before"], res["history"][0]
+    assert res["after"] == {k: after[k] for k in ("clean_acc", "asr_all", "asr_nontarget", "robust_acc")}
+    assert res["der"] == pytest.approx((max(0, before["asr_all"] - after["asr_all"])
+                                        - max(0, before["clean_acc"] - after["clean_acc"]) + 1) / 2)
     assert before["asr_all"] > 0.95
     # One round is chaotic (docs/results.md: asr_all 0.04-0.25 over seeds on one CPU), so the
     # bound leaves room for another CPU's rounding while a broken round (ASR ~0.97) still fails.
     assert after["asr_all"] < 0.5 * before["asr_all"], after
     assert after["clean_acc"] > 0.78, after
-    assert {"round", "clean_acc", "asr_all", "asr_nontarget", "seconds"} <= set(after)
+    assert {"round", "clean_acc", "asr_all", "asr_nontarget", "robust_acc", "seconds"} <= set(after)
+    assert 0 <= after["robust_acc"] <= 1 and before["robust_acc"] < 0.1  # a working backdoor: RA near 0
     assert "| 1 |" in out.with_suffix(".md").read_text()
     # the saved model reproduces the round's figures
     from ibau_jax import checkpoints
@@ -73,26 +78,91 @@ def test_bad_inputs_give_one_line_errors(tmp_path, capsys):
     assert "invalid choice: 'nope'" in capsys.readouterr().err
 
 
-def test_unlearn_on_several_devices_matches_one(tmp_path):
-    """`unlearn --devices 4` (4 forced CPU devices, in a subprocess) gives the one-device model."""
-    import os
-    import subprocess
-    import sys
+@pytest.fixture(scope="module")
+def one_device_round(tmp_path_factory):
+    """`unlearn` on one device: one round on the first clean batch of 100, seed 3, saved."""
+    d = tmp_path_factory.mktemp("one")
+    common = _args("--rounds", "1", "--limit-batches", "1", "--seed", "3", "--quiet")
+    assert cli.main(["unlearn", *common, "--devices", "1", "--out", str(d / "one.json"),
+                     "--save", str(d / "one.npz")]) == 0
+    return common, json.loads((d / "one.json").read_text()), d / "one.npz"
 
+
+def _flat_params(path):
     import jax
     import numpy as np
 
     from ibau_jax import checkpoints
+    v, _ = checkpoints.load_checkpoint(path)
+    return np.concatenate([np.ravel(x) for x in jax.tree.leaves(v["params"])])
 
-    common = _args("--rounds", "1", "--limit-batches", "1", "--seed", "3", "--quiet")
-    one, four = tmp_path / "one.npz", tmp_path / "four.npz"
-    assert cli.main(["unlearn", *common, "--out", str(tmp_path / "one.json"), "--save", str(one)]) == 0
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-    subprocess.run([sys.executable, "-m", "ibau_jax.cli", "unlearn", *common, "--devices", "4",
-                    "--out", str(tmp_path / "four.json"), "--save", str(four)], env=env, check=True)
-    assert json.loads((tmp_path / "four.json").read_text())["config"]["devices"] == 4
-    a, _ = checkpoints.load_checkpoint(one)
-    b, _ = checkpoints.load_checkpoint(four)
-    flat_a = np.concatenate([np.ravel(x) for x in jax.tree.leaves(a["params"])])
-    flat_b = np.concatenate([np.ravel(x) for x in jax.tree.leaves(b["params"])])
-    assert np.linalg.norm(flat_a - flat_b) <= 1e-4 * np.linalg.norm(flat_a)
+
+@pytest.mark.slow
+def test_unlearn_on_several_devices_matches_one(tmp_path, one_device_round):
+    """`unlearn --devices 3` and `--devices 8` with the default batch of 100 (8 forced CPU devices,
+    in one subprocess; 3 does not divide 100: the batch is padded and the padding masked) give
+    the one-device model."""
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    common, res_one, one = one_device_round
+    script = ("import sys; from ibau_jax import cli; common = sys.argv[2:]; "
+              "[cli.main(['unlearn', *common, '--devices', str(n), '--out', f'{sys.argv[1]}/{n}.json', "
+              "'--save', f'{sys.argv[1]}/{n}.npz']) for n in (3, 8)]")
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    subprocess.run([sys.executable, "-c", script, str(tmp_path), *common], env=env, check=True)
+    flat_one = _flat_params(one)
+    for devices in (3, 8):
+        res = json.loads((tmp_path / f"{devices}.json").read_text())
+        assert res["run"]["devices"] == devices
+        assert res["diagnostics"]["padded_batch_size"] == -(-100 // devices) * devices
+        for k in ("clean_acc", "asr_all"):
+            assert abs(res["after"][k] - res_one["after"][k]) <= 0.002, (devices, k)
+        flat = _flat_params(tmp_path / f"{devices}.npz")
+        assert np.linalg.norm(flat - flat_one) <= 1e-4 * np.linalg.norm(flat_one), devices
+
+
+def test_defend_ibau_equals_unlearn(tmp_path, one_device_round):
+    """`defend --defense ibau --set ...` and `unlearn` with the same settings are the same run."""
+    common, ra, _ = one_device_round
+    b = tmp_path / "b.json"
+    assert cli.main(["defend", "--defense", "ibau", "--set", "rounds=1", "--set", "max_batches=1",
+                     *_args("--seed", "3", "--quiet", "--devices", "1", "--out", str(b))]) == 0
+    rb = json.loads(b.read_text())
+    assert ra["config"] == rb["config"]
+    assert ra["after"] == rb["after"] and ra["history"][0]["delta_norm"] == rb["history"][0]["delta_norm"]
+    assert rb["run"]["command"] == "defend" and ra["run"]["command"] == "unlearn"
+
+
+def test_defend_bad_names_are_one_line_errors(tmp_path, capsys):
+    assert cli.main(["defend", "--defense", "no_such_defense", *_args("--out", str(tmp_path / "x.json"))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "ibau-jax: error: unknown defense 'no_such_defense'; registered defenses: ibau, ft"
+    assert cli.main(["defend", "--defense", "ibau", "--set", "lr=1", *_args("--out", str(tmp_path / "x.json"))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "valid fields: batch_size, K" in err
+    assert cli.main(["defend", "--defense", "ibau", "--set", "outer_lr=nan",
+                     *_args("--out", str(tmp_path / "x.json"))]) == 2
+    assert "outer_lr must be finite" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()  # refused before any work
+
+
+def test_user_errors_are_one_line_and_bugs_keep_their_traceback(monkeypatch, capsys):
+    from ibau_jax.cli import commands
+    from ibau_jax.errors import UserError
+
+    def user_error(args):
+        raise UserError("the data folder X is empty; pass --data-dir")
+
+    def bug(args):
+        raise ValueError("shapes (3, 4) and (5,) do not match")  # an internal error
+
+    monkeypatch.setitem(commands.COMMANDS, "evaluate", user_error)
+    assert cli.main(["evaluate", "--checkpoint", "x.pth"]) == 2
+    assert capsys.readouterr().err == "ibau-jax: error: the data folder X is empty; pass --data-dir\n"
+    monkeypatch.setitem(commands.COMMANDS, "evaluate", bug)
+    with pytest.raises(ValueError, match="do not match"):
+        cli.main(["evaluate", "--checkpoint", "x.pth"])

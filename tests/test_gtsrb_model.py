@@ -8,7 +8,7 @@ experiments/gtsrb_model.py is the full-size version (docs/attacks.md).
 import numpy as np
 
 from conftest import shared_path
-from ibau_jax import data, metrics, models, train
+from ibau_jax import data, metrics, models, training
 
 N_TRAIN, N_TEST = 2000, 1000
 
@@ -21,8 +21,8 @@ def test_small_vgg_learns_gtsrb():
 
     # A narrow small VGG keeps the test short; no flip (signs are not mirror-symmetric).
     model = models.SmallVGG(43, widths=(8, 16, 32))
-    config = train.TrainConfig(epochs=6, batch_size=64, lr=0.05, flip=False, seed=0, eval_every=6)
-    state, history = train.train(model, x_tr, y_tr, config, quiet=True, log=lambda s: None)
+    config = training.TrainConfig(epochs=6, batch_size=64, lr=0.05, flip=False, seed=0, eval_every=6)
+    state, history = training.train(model, x_tr, y_tr, config, quiet=True, log=lambda s: None)
     assert all(np.isfinite(r["loss"]) for r in history)
     assert history[-1]["loss"] < 0.7 * history[0]["loss"], history
 

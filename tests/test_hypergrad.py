@@ -579,3 +579,29 @@ def test_krylov_solvers_run_on_custom_vjp_model(name):
     assert tree_rel_err(g, g_ref) <= 1e-6, name
     assert int(info.iterations) > 0 and not bool(info.diverged)
     assert float(info.residual_norm) <= 1e-8 * float(info.rhs_norm)
+
+
+def test_untransposable_matvec_fallback_is_said_once(monkeypatch):
+    """A custom_vjp matvec cannot be transposed: the Krylov solve falls back to an
+    undifferentiable one and says so, once per process, with a HypergradWarning."""
+    import warnings
+
+    from ibau_jax import hypergrad
+
+    monkeypatch.setattr(hypergrad, "_WARNED", set())
+
+    @jax.custom_vjp
+    def scale(v):
+        return 3.0 * v
+
+    scale.defvjp(lambda v: (3.0 * v, None), lambda _, g: (3.0 * g,))
+    b = jnp.ones(4)
+    solve = hypergrad.make_solve("gmres", tol=1e-8, maxiter=10)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        x1 = solve(scale, b)
+        x2 = solve(scale, 2 * b)
+    np.testing.assert_allclose(x1, b / 3, rtol=1e-6)
+    np.testing.assert_allclose(x2, 2 * b / 3, rtol=1e-6)
+    msgs = [w for w in caught if issubclass(w.category, hypergrad.HypergradWarning)]
+    assert len(msgs) == 1 and "not differentiable a second time" in str(msgs[0].message)

@@ -25,3 +25,29 @@ def test_predict_handles_tail_and_matches_direct():
 
 def _linear_apply(w, x):
     return x.reshape(x.shape[0], -1) @ jnp.asarray(w)
+
+
+def test_robust_accuracy_counts_non_target_images_against_true_labels():
+    preds = np.array([8, 0, 1, 8, 2, 3])
+    true = np.array([8, 0, 1, 3, 8, 3])
+    out = metrics.attack_success(preds, np.full(6, 8), true)
+    # non-target images: 1, 2, 3, 5 (true != 8); correct there: 1, 2, 5
+    assert out["robust_acc"] == 3 / 4
+    assert metrics.attack_success(np.array([8]), np.array([8]), np.array([8]))["robust_acc"] is None
+
+
+def test_der_closed_form():
+    before = {"clean_acc": 0.85, "asr_all": 0.97}
+    assert metrics.der(before, {"clean_acc": 0.83, "asr_all": 0.07}) == (0.90 - 0.02 + 1) / 2
+    assert metrics.der(before, before) == 0.5
+    # an accuracy gain and an ASR rise count as zero
+    assert metrics.der(before, {"clean_acc": 0.90, "asr_all": 0.99}) == 0.5
+
+
+def test_evaluate_returns_all_four_metrics():
+    w = np.eye(12, 5, dtype=np.float32)
+    x = np.random.default_rng(2).random((7, 2, 2, 3)).astype(np.float32)
+    y = np.argmax(x.reshape(7, -1) @ w, -1)
+    m = metrics.evaluate(_linear_apply, w, x, y, x, np.zeros(7, int), y, batch_size=4)
+    assert set(m) == set(metrics.METRICS) and m["clean_acc"] == 1.0
+    assert m["robust_acc"] == 1.0  # every non-target image keeps its true label

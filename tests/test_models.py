@@ -1,9 +1,12 @@
+"""models/__init__.py (the registry) and the models' shapes, layouts and modes."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from ibau_jax import models
+from ibau_jax.errors import UserError
 
 
 @pytest.mark.parametrize("classes", [10, 43])
@@ -26,8 +29,58 @@ def test_conv_impls_agree():
 
 
 def test_unknown_model():
-    with pytest.raises(ValueError, match="unknown model 'resnet999'"):
+    with pytest.raises(UserError, match="unknown model 'resnet999'"):
         models.get_model("resnet999", 10)
+    with pytest.raises(models.ModelError, match="num_classes must be >= 2"):
+        models.get_model("small_vgg", 1)
+
+
+def test_register(monkeypatch):
+    monkeypatch.setattr(models, "MODELS", dict(models.MODELS))
+    models.register("tiny_vgg", lambda num_classes, **kw: models.SmallVGG(num_classes, widths=(4, 4, 4), **kw))
+    m = models.get_model("tiny_vgg", 5, conv_impl="xla")
+    assert (m.num_classes, tuple(m.widths), m.conv_impl) == (5, (4, 4, 4), "xla")
+    with pytest.raises(models.ModelError, match="'small_vgg' is already registered"):
+        models.register("small_vgg", models.ResNet18)
+    assert models.MODELS["small_vgg"] is models.SmallVGG
+
+
+@pytest.mark.parametrize("name", ["small_vgg", "preact_resnet18", "resnet18"])
+def test_init_creates_only_params_and_batch_stats(name):
+    shapes = jax.eval_shape(lambda: models.init_variables(models.get_model(name, 10)))
+    assert sorted(shapes) == ["batch_stats", "params"]
+
+
+class _PlainVGG(nn.Module):
+    """SmallVGG as it was before features, neuron masks and example masks (frozen copy)."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        i = 0
+        for width, rate in zip((32, 64, 128), (0.3, 0.4, 0.4)):
+            for _ in range(2):
+                x = models.Conv3x3(width, name=f"conv{i}")(x)
+                x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=f"bn{i}")(x)
+                x = models.elu(x)
+                i += 1
+            x = models.max_pool_2x2(x)
+            x = nn.Dropout(rate, deterministic=not train)(x)
+        x = jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)
+        return nn.Dense(10, name="classifier")(x)
+
+
+def test_small_vgg_is_bitwise_what_it_was():
+    """Same variables (layout and initial values) and bitwise the same outputs and running
+    statistics, eval and train mode, as the plain flax model it grew out of."""
+    m, ref = models.SmallVGG(), _PlainVGG()
+    v = models.init_variables(m, seed=2)
+    jax.tree.map(np.testing.assert_array_equal, v, ref.init(jax.random.PRNGKey(2), jnp.zeros((1, 32, 32, 3))))
+    x = _x(3)
+    np.testing.assert_array_equal(m.apply(v, x), ref.apply(v, x))
+    f = jax.jit(lambda v, x: m.apply(v, x))
+    np.testing.assert_array_equal(f(v, x), jax.jit(lambda v, x: ref.apply(v, x))(v, x))
+    kw = dict(train=True, rngs={"dropout": jax.random.PRNGKey(1)}, mutable=["batch_stats"])
+    jax.tree.map(np.testing.assert_array_equal, m.apply(v, x, **kw), ref.apply(v, x, **kw))
 
 
 # ----------------------------------------------------------------------------- CIFAR ResNets
@@ -108,42 +161,7 @@ def test_resnet_conv_impls_agree():
 
 
 def test_unknown_model_lists_choices():
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(models.ModelError) as e:
         models.get_model("resnet999", 10)
     for name in ("small_vgg", "preact_resnet18", "resnet18"):
         assert name in str(e.value)
-
-
-def _pool_ref(x):
-    import flax.linen as nn
-    return nn.max_pool(x, (2, 2), strides=(2, 2))
-
-
-def test_max_pool_2x2_matches_reduce_window_with_ties():
-    """Values, gradient and Hessian-vector product equal nn.max_pool's, on data full of ties
-    (the first maximum of a window gets the whole gradient, not a share)."""
-    with jax.enable_x64(True):
-        rng = np.random.default_rng(0)
-        x = jnp.asarray(rng.integers(0, 3, (2, 8, 6, 3)).astype(np.float64))   # 3 values: many ties
-        w = jnp.asarray(rng.normal(size=(2, 4, 3, 3)))
-        v = jnp.asarray(rng.normal(size=x.shape))
-        f = lambda pool: (lambda x: jnp.sum(jnp.sin(pool(x)) * w))
-        np.testing.assert_array_equal(models.max_pool_2x2(x), _pool_ref(x))
-        g, g_ref = jax.grad(f(models.max_pool_2x2))(x), jax.grad(f(_pool_ref))(x)
-        assert int(jnp.sum(g_ref != 0)) == 2 * 4 * 3 * 3   # one nonzero per window: first-wins
-        np.testing.assert_array_equal(g, g_ref)
-        hvp = lambda pool: jax.grad(lambda x: jnp.vdot(jax.grad(f(pool))(x), v))(x)
-        np.testing.assert_allclose(hvp(models.max_pool_2x2), hvp(_pool_ref), rtol=1e-12, atol=1e-12)
-
-
-def test_max_pool_2x2_odd_shape_falls_back():
-    x = jnp.arange(2 * 5 * 4 * 1, dtype=jnp.float32).reshape(2, 5, 4, 1)
-    np.testing.assert_array_equal(models.max_pool_2x2(x), _pool_ref(x))
-
-
-def test_elu_matches_expm1_elu():
-    import flax.linen as nn
-    x = jnp.linspace(-20.0, 5.0, 10001, dtype=jnp.float32)
-    np.testing.assert_allclose(models.elu(x), nn.elu(x), rtol=0, atol=2e-7)
-    d, d_ref = jax.vmap(jax.grad(models.elu))(x), jax.vmap(jax.grad(nn.elu))(x)
-    np.testing.assert_allclose(d, d_ref, rtol=0, atol=2e-7)

@@ -58,7 +58,7 @@ def markdown(rows: list[dict], cols: list[str]) -> str:
 
 def write_json(path: str | Path, payload: dict) -> None:
     """Write the results atomically (an interrupted run never leaves half a file)."""
-    from ibau_jax.cli import write_atomic
+    from ibau_jax.results import write_atomic
 
     write_atomic(Path(path), json.dumps(payload, indent=2))
 

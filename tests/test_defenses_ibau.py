@@ -137,7 +137,7 @@ def test_round_equals_python_loop(problem, inner_batch):
     p, s = params, tx.init(params)
     for b in range(3):
         xi, yi = (xb[0], yb[0]) if inner_batch == "first" else (xb[b], yb[b])
-        p, s, _ = ibau.outer_step(logits_fn, cfg, p, s, delta, xi, yi, xb[b], yb[b], masks[b])
+        p, s, _, _ = ibau.outer_step(logits_fn, cfg, p, s, delta, xi, yi, xb[b], yb[b], masks[b])
     np.testing.assert_allclose(out.delta, delta, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(out.params), jax.tree.leaves(p)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
@@ -147,7 +147,7 @@ def test_round_equals_python_loop(problem, inner_batch):
 def test_config_validation():
     with pytest.raises(ValueError, match="unknown solver 'lu'"):
         ibau.IBAUConfig(solver="lu")
-    with pytest.raises(ValueError, match="K must be >= 1"):
+    with pytest.raises(ValueError, match="K must be an integer >= 1"):
         ibau.IBAUConfig(K=0)
     with pytest.raises(ValueError, match="inner_batch"):
         ibau.IBAUConfig(inner_batch="random")
@@ -182,3 +182,89 @@ def test_krylov_solvers_on_small_vgg_match_dense(solver):
         assert err <= 1e-6, (solver, err)
         # an inexact solve is visibly wrong here, so the comparison means something
         assert float(jnp.linalg.norm(_flat(one_step) - _flat(ref))) > 1e-2 * float(jnp.linalg.norm(_flat(ref)))
+
+
+# ----------------------------------------------------------------------------- the defense
+
+def _tiny_vgg_problem():
+    from ibau_jax import models
+    from ibau_jax.defenses import CleanSet
+
+    model = models.SmallVGG(num_classes=10, widths=(4, 4, 8))
+    variables = jax.device_get(models.init_variables(model, seed=0, image_shape=(8, 8, 3)))
+    rng = np.random.default_rng(0)
+    clean = CleanSet(rng.random((26, 8, 8, 3), dtype=np.float32), rng.integers(0, 10, 26), 10)
+    return model, variables, clean
+
+
+def test_defense_run_equals_round_function_and_reports():
+    """IBAU.run (the library loop) equals two calls of make_round with seed_masks of the key's seed."""
+    model, variables, clean = _tiny_vgg_problem()
+    cfg = ibau.IBAUConfig(batch_size=6, K=2, portion=0.5, outer_lr=1e-2, rounds=2)
+    seen = []
+    res = ibau.IBAU(cfg).run(model, variables, clean, jax.random.PRNGKey(7),
+                             callback=lambda r, v, rec: seen.append(r) or {"extra": r * 10})
+    assert seen == [1, 2]
+    assert [h["round"] for h in res.history] == [1, 2] and res.history[1]["extra"] == 20
+    assert res.diagnostics["num_batches"] == 4 and res.diagnostics["unused_clean_images"] == 2
+    assert res.compile_seconds > 0 and res.seconds > 0
+    xb, yb = clean.x[:24].reshape(4, 6, 8, 8, 3), clean.y[:24].reshape(4, 6)
+    masks = ibau.seed_masks(7, 2, 4, cfg)
+    params, bs = variables["params"], variables["batch_stats"]
+    opt = cfg.outer_tx().init(params)
+    fn = ibau.make_round(model, cfg)
+    for r in range(2):
+        out = fn(params, bs, opt, xb, yb, masks[r])
+        params, opt = out.params, out.opt_state
+    for a, b in zip(jax.tree.leaves(res.variables["params"]), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_allclose(res.history[1]["delta_norm"], float(np.linalg.norm(out.delta)), rtol=1e-6)
+    np.testing.assert_array_equal(res.artifacts["delta"], np.asarray(out.delta))
+
+
+def test_padded_round_equals_unpadded():
+    """Zero-padded batches with weights (what a mesh whose size does not divide the batch gets)
+    give the unpadded round: padding never enters a mean."""
+    model, variables, clean = _tiny_vgg_problem()
+    cfg = ibau.IBAUConfig(batch_size=6, K=2, portion=0.5, outer_lr=1e-2, inner_batch="current")
+    xb, yb, wb, _ = ibau.prepare_batches(clean.x, clean.y, cfg)
+    assert wb is None
+    masks = ibau.seed_masks(3, 1, xb.shape[0], cfg)[0]
+    params, bs = variables["params"], variables["batch_stats"]
+    ref = ibau.make_round(model, cfg)(params, bs, cfg.outer_tx().init(params), xb, yb, masks)
+    from ibau_jax import sharding
+    size = 8
+    xp, yp = sharding.pad_examples(xb, 1, size), sharding.pad_examples(yb, 1, size)
+    # garbage in the padding must not matter
+    xp[:, 6:] = np.random.default_rng(1).random(xp[:, 6:].shape)
+    yp[:, 6:] = 3
+    mp = sharding.pad_examples(masks, 1, size)
+    wb = sharding.example_weights(6, size, (xb.shape[0],))
+    got = ibau.make_round(model, cfg, padded=True)(params, bs, cfg.outer_tx().init(params), xp, yp, mp, wb)
+    assert float(np.linalg.norm(_flat(got.params) - _flat(params))) > 1e-4
+    for a, b in zip(jax.tree.leaves(got.params), jax.tree.leaves(ref.params)):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+    np.testing.assert_allclose(got.delta, ref.delta, rtol=2e-5, atol=1e-6)
+
+
+def test_solver_info_reports_residuals():
+    model, variables, clean = _tiny_vgg_problem()
+    res = ibau.IBAU(ibau.IBAUConfig(batch_size=6, K=2, rounds=1, portion=0.5, solver="gmres", solver_info=True)).run(
+        model, variables, clean, jax.random.PRNGKey(0))
+    h = res.history[0]
+    assert 0 < h["solver_max_rel_residual"] < 0.1 and h["solver_mean_iterations"] >= 1  # float32 GMRES, maxiter 100
+    assert h["solver_diverged"] == 0
+
+
+def test_defense_errors():
+    from ibau_jax.defenses import CleanSet
+    from ibau_jax.errors import ConfigError
+    model, variables, clean = _tiny_vgg_problem()
+    small = CleanSet(clean.x[:4], clean.y[:4], 10)
+    with pytest.raises(ConfigError, match="fewer than one I-BAU batch of 6"):
+        ibau.IBAU(ibau.IBAUConfig(batch_size=6)).run(model, variables, small, jax.random.PRNGKey(0))
+    for bad, msg in (({"outer_lr": float("nan")}, "outer_lr must be finite"), ({"radius": -1.0}, "radius must be > 0"),
+                     ({"rounds": 0}, "rounds must be an integer >= 1"), ({"portion": 2.0}, r"portion must be in \[0, 1\]"),
+                     ({"max_batches": -4}, "max_batches must be an integer >= 0")):
+        with pytest.raises(ConfigError, match=msg):
+            ibau.IBAUConfig(**bad)

@@ -1,0 +1,323 @@
+"""What each ``ibau-jax`` subcommand does with its parsed flags: validate, load, run, write.
+
+Flags are validated here before anything is loaded or compiled (a bad value never costs a
+run); the work itself is library code (``experiment``, ``defenses``, ``sweep``, ``training``,
+``demo``); results go through ``results`` (strict JSON, atomic writes).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, UserError
+
+
+# ----------------------------------------------------------------------------- validation
+
+def _int_at_least(args: argparse.Namespace, name: str, low: int) -> None:
+    v = getattr(args, name, None)
+    if v is not None and v < low:
+        raise ConfigError(f"--{name.replace('_', '-')} must be >= {low}, got {v}")
+
+
+def _positive_finite(args: argparse.Namespace, name: str) -> None:
+    vals = getattr(args, name, None)
+    for v in (vals if isinstance(vals, list) else [vals]):
+        if v is not None and (not math.isfinite(v) or v <= 0):
+            raise ConfigError(f"--{name.replace('_', '-')} must be a finite number > 0, got {v}")
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Range and finiteness of every numeric flag, and the writability of every output, up front."""
+    from .. import results
+
+    for name, low in (("rounds", 1), ("limit_batches", 0), ("devices", 1), ("n_clean", 1), ("seed", 0),
+                      ("K", 1), ("batch_size", 1), ("num_seeds", 1), ("chunk", 1), ("epochs", 1),
+                      ("train_limit", 0), ("eval_every", 1), ("target", 0), ("n_train", 1), ("n_test", 1),
+                      ("ibau_batch_size", 1), ("train_batch_size", 1), ("num_processes", 1), ("process_id", 0)):
+        v = getattr(args, name, None)
+        for item in (v if isinstance(v, list) else [v]):
+            if item is not None and item < low:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= {low}, got {item}")
+    for name in ("radius", "outer_lr", "fp_step", "lr"):
+        _positive_finite(args, name)
+    for name in ("inner_reg", "weight_decay"):
+        for v in (getattr(args, name, None) if isinstance(getattr(args, name, None), list) else [getattr(args, name, None)]):
+            if v is not None and (not math.isfinite(v) or v < 0):
+                raise ConfigError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v}")
+    for name in ("poison_ratio", "portion"):
+        v = getattr(args, name, None)
+        if v is not None and not (math.isfinite(v) and 0 < v <= 1):
+            raise ConfigError(f"--{name.replace('_', '-')} must be in (0, 1], got {v}")
+    save = getattr(args, "save", None)
+    if save:
+        if not str(save).endswith(".npz"):
+            raise ConfigError("--save writes an ibau-jax checkpoint; give it a .npz name")
+        results.check_writable(save, "--save")
+    if getattr(args, "command", None) in ("defend", "unlearn", "sweep"):
+        results.check_writable(args.out, "--out")
+
+
+# ----------------------------------------------------------------------------- loading
+
+def resolve_run_dir(args: argparse.Namespace) -> int:
+    """``--model RUN_DIR`` (from ``ibau-jax attack``): fill checkpoint/model/attack/target from it.
+
+    Explicit ``--attack``/``--target`` still win. Returns the seed of the attack's trigger (the
+    run's ``trigger_seed``, which seeded Blend's noise or WaNet's warp; 0 for a plain checkpoint).
+    """
+    from .. import models, training
+
+    seed = 0
+    if args.model not in models.MODELS:
+        if not Path(args.model).exists():
+            raise UserError(f"--model {args.model!r} is neither an architecture ({', '.join(sorted(models.MODELS))}) "
+                            "nor a run directory written by `ibau-jax attack`")
+        run_dir = Path(args.model)
+        # The latest committed epoch: its record and, inside the same checkpoint step, its weights
+        # (never the RUN_DIR/model.npz export, which an interruption can leave one epoch behind).
+        run = training.read_run(run_dir)
+        cfg = run["config"]
+        if args.checkpoint is None:
+            args.checkpoint = run["checkpoint"]
+        args.model = cfg.get("model", "small_vgg")
+        args.attack = args.attack if args.attack is not None else cfg.get("attack", "badnets")
+        args.target = args.target if args.target is not None else cfg.get("target", 0)
+        seed = int(cfg.get("trigger_seed", cfg.get("seed", 0)))
+    if args.checkpoint is None:
+        raise UserError("pass --checkpoint FILE, or --model RUN_DIR (a folder written by `ibau-jax attack`)")
+    args.attack = args.attack if args.attack is not None else "badnets"
+    args.target = args.target if args.target is not None else 8
+    return seed
+
+
+def load_experiment(args: argparse.Namespace):
+    """``experiment.load`` with the common flags (``--model RUN_DIR`` resolved first)."""
+    from .. import experiment
+
+    attack_seed = resolve_run_dir(args)
+    return experiment.load(args.checkpoint, dataset=args.dataset, data_dir=args.data_dir, model=args.model,
+                           attack=args.attack, target=args.target, trigger_dir=args.trigger_dir,
+                           n_clean=args.n_clean, download=not args.no_download,
+                           data_source=getattr(args, "data_source", "auto"), attack_seed=attack_seed)
+
+
+def _fmt(m: dict[str, Any]) -> str:
+    f = lambda v: "–" if v is None else f"{v:.4f}"
+    return (f"clean_acc {f(m['clean_acc'])}  asr_all {f(m['asr_all'])}  asr_nontarget {f(m['asr_nontarget'])}"
+            f"  robust_acc {f(m.get('robust_acc'))}")
+
+
+# ----------------------------------------------------------------------------- defend / unlearn
+
+def unlearn_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """``unlearn``'s flags as overrides of the I-BAU defense's config."""
+    o: dict[str, Any] = {"rounds": args.rounds, "K": args.K, "solver": args.solver, "batch_size": args.batch_size,
+                         "max_batches": args.limit_batches, "mask_rng": args.mask_rng}
+    if args.preset == "defense_py" or args.no_projection:
+        o["radius"] = None
+    if args.radius is not None and not args.no_projection:
+        o["radius"] = args.radius
+    if args.outer_lr is not None:
+        o["outer_lr"] = args.outer_lr
+    return o
+
+
+def cmd_defend(args: argparse.Namespace) -> int:
+    from .. import defenses, distributed
+
+    # Everything the user typed is checked before jax does any work.
+    name = args.defense if args.command == "defend" else "ibau"
+    overrides = defenses.parse_overrides(name, args.set) if args.command == "defend" else unlearn_overrides(args)
+    defense = defenses.get(name, **overrides)
+    distributed.init_distributed(args.coordinator, args.num_processes, args.process_id)
+    return run_defense(args, defense)
+
+
+def run_defense(args: argparse.Namespace, defense) -> int:
+    import jax
+    from tqdm import tqdm
+
+    from .. import checkpoints, metrics, results, sharding
+    from ..defenses import CleanSet
+
+    mesh = sharding.mesh_for(args.devices)
+    exp = load_experiment(args)
+    writer = jax.process_index() == 0  # multi-host: every process computes the same; one writes
+    evaluate = lambda v: exp.evaluate(v, mesh)
+    out = Path(args.out)
+    result: dict[str, Any] = {
+        "defense": defense.name, "config": dataclasses.asdict(defense.config),
+        "run": {"checkpoint": str(args.checkpoint), "model": args.model, "dataset": args.dataset,
+                "attack": args.attack, "target": exp.target, "seed": args.seed, "n_clean": args.n_clean,
+                "jax_backend": jax.default_backend(), "devices": sharding.num_devices(mesh),
+                "processes": jax.process_count(), "command": args.command},
+        "before": evaluate(exp.variables), "after": None, "der": None, "history": [],
+        "seconds": None, "compile_seconds": None, "complete": False}
+    print(f"before    {_fmt(result['before'])}", flush=True)
+    if writer:
+        results.save(out, result)
+
+    clean = CleanSet(exp.clean_x, exp.clean_y, exp.num_classes)
+    total = defense.num_steps(clean) if hasattr(defense, "num_steps") else None
+    bar = tqdm(total=total, unit="step", desc=defense.name, dynamic_ncols=True, disable=args.quiet or not writer)
+    if hasattr(defense, "on_step") and not bar.disable:
+        # a host callback from inside the compiled loop: only when a bar is shown
+        defense.on_step = lambda *_: bar.update(1)
+
+    def callback(r: int, variables, record: dict) -> dict:
+        m = evaluate(variables)
+        result["history"].append({**record, **m})
+        result["after"] = m
+        result["der"] = metrics.der(result["before"], m)
+        if writer:
+            bar.write(f"round {r:<3} {_fmt(m)}  ({record['seconds']:.1f} s)")
+            results.save(out, result)
+        return m
+
+    res = defense.run(exp.model, exp.variables, clean, jax.random.PRNGKey(args.seed), mesh=mesh, callback=callback)
+    bar.close()
+    result.update(history=res.history, seconds=round(res.seconds, 3), compile_seconds=round(res.compile_seconds, 3),
+                  diagnostics=res.diagnostics, complete=True)
+    if res.flagged_classes is not None:
+        result.update(flagged_classes=res.flagged_classes, class_scores=res.class_scores)
+    if result["after"] is None:  # a defense without rounds: evaluate once at the end
+        result["after"] = evaluate(res.variables)
+        result["der"] = metrics.der(result["before"], result["after"])
+    if not writer:
+        return 0
+    results.save(out, result)
+    print(f"after     {_fmt(result['after'])}  DER {result['der']:.4f}  "
+          f"({result['seconds']:.1f} s + {result['compile_seconds']:.1f} s compiling)")
+    if args.save:
+        checkpoints.save_checkpoint(args.save, res.variables,
+                                    {"model": args.model, "num_classes": exp.num_classes, "attack": args.attack,
+                                     "target": exp.target, "defended_with": defense.name,
+                                     "source_checkpoint": str(args.checkpoint)})
+        print(f"saved the defended model to {args.save}")
+    print(f"wrote {out} and {out.with_suffix('.md')}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- evaluate / sweep
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .. import results
+
+    exp = load_experiment(args)
+    print(json.dumps(results.strict(exp.evaluate(exp.variables))))
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Seeds x hyperparameter grid, vmapped in chunks (``sweep.sweep_rounds``); mean ± std table."""
+    from .. import defenses, distributed
+
+    config = defenses.get("ibau", batch_size=args.batch_size, solver=args.solver, mask_rng=args.mask_rng,
+                          max_batches=args.limit_batches,
+                          **({"radius": None} if args.preset == "defense_py" else {})).config
+    grid: dict[str, list[Any]] = {"K": args.K}
+    for flag in ("outer_lr", "fp_step", "inner_reg", "radius"):
+        if getattr(args, flag):
+            grid[flag] = getattr(args, flag)
+    if "radius" in grid and config.radius is None:
+        raise ConfigError("--radius needs the projection on: use --preset faithful")
+    distributed.init_distributed(args.coordinator, args.num_processes, args.process_id)
+
+    import time
+
+    import jax
+
+    from .. import results, sharding, sweep
+    from ..defenses import ibau
+
+    exp = load_experiment(args)
+    seeds = list(range(args.seed, args.seed + args.num_seeds))
+    mesh = sharding.mesh_for(args.devices)
+    xb, yb, _, _ = ibau.prepare_batches(exp.clean_x, exp.clean_y, config)
+    evaluate = lambda v: exp.evaluate(v, mesh)
+    t0 = time.perf_counter()
+    done = lambda k, n: print(f"[{k}/{n} runs of this K] {time.perf_counter() - t0:.1f} s", flush=True)
+    records = sweep.sweep_rounds(exp.model, config, exp.variables, xb, yb, seeds=seeds, grid=grid,
+                                 rounds=args.rounds, chunk=args.chunk, evaluate_fn=evaluate, mesh=mesh,
+                                 on_chunk=done, strategy=args.strategy, mask_rng=args.mask_rng)
+    result = {"config": {"checkpoint": str(args.checkpoint), "model": args.model, "dataset": args.dataset,
+                         "attack": args.attack, "target": exp.target, "rounds": args.rounds, "seeds": seeds,
+                         "mask_rng": args.mask_rng, "chunk": args.chunk, "strategy": args.strategy,
+                         "n_clean": args.n_clean, "num_batches": int(xb.shape[0]), "preset": args.preset,
+                         "ibau": dataclasses.asdict(config), "devices": sharding.num_devices(mesh),
+                         "processes": jax.process_count(), "jax_backend": jax.default_backend(),
+                         "seconds": round(time.perf_counter() - t0, 3)},
+              "before": evaluate(exp.variables), "swept": sorted(grid, key=lambda k: (k != "K", k)),
+              "records": records}
+    table = sweep.sweep_markdown(result)
+    print(table, end="")
+    if jax.process_index() == 0:  # multi-host: every process computed the same table; one writes
+        out = Path(args.out)
+        results.write_atomic(out, results.dumps(result))
+        results.write_atomic(out.with_suffix(".md"), table)
+        print(f"wrote {out} and {out.with_suffix('.md')}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- attack / demo
+
+def cmd_attack(args: argparse.Namespace) -> int:
+    """Train a poisoned model (``training.train``) and write RUN_DIR (one checkpoint step per epoch
+    under checkpoints/, plus the model.npz and run.json exports)."""
+    from .. import attacks, data, experiment, models, rng, training
+
+    streams = rng.streams(args.seed)  # independent streams: trigger pattern, poison choice, init, epochs
+    if args.dataset == "cifar10":
+        train_set = data.load_cifar10(args.data_dir, split="train", source=getattr(args, "data_source", "auto"),
+                                      download=not args.no_download)
+    else:
+        if args.data_dir is None:
+            raise UserError("training on GTSRB needs --data-dir: a folder with the official archive "
+                            "(Final_Training/Images/000NN/*.ppm) or train_roi32.npz")
+        train_set = data.load_gtsrb(args.data_dir, split="train")
+    test = experiment.load_test_set(args.dataset, args.data_dir, download=not args.no_download,
+                                    source=getattr(args, "data_source", "auto"))
+    x, y = train_set.x, train_set.y
+    if args.train_limit:
+        x, y = x[: args.train_limit], y[: args.train_limit]
+    attack = attacks.make_attack(args.attack, num_classes=test.num_classes, target=args.target,
+                                 trigger_dir=args.trigger_dir, seed=streams.seed_of("trigger"))
+    poisoned = attacks.poison_dataset(data.to_float(x), y, attack, args.poison_ratio, streams.seed_of("poison"))
+    test_x = data.to_float(test.x)
+    asr_x, asr_t, _ = attacks.asr_test_set(test_x, test.y, attack)
+    eval_sets = training.EvalSets(test_x, test.y, asr_x, asr_t, test.y)
+    lr = args.lr if args.lr is not None else (0.05 if args.optimizer == "sgd" else 1e-3)
+    config = training.TrainConfig(epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=lr,
+                                  weight_decay=args.weight_decay, flip=args.dataset != "gtsrb", seed=args.seed,
+                                  eval_every=args.eval_every)
+    run_config = {"dataset": args.dataset, "attack": args.attack, "target": attack.target,
+                  "poison_ratio": args.poison_ratio, "model": args.model, "train_limit": args.train_limit,
+                  "n_train": int(len(y)), "trigger_seed": streams.seed_of("trigger")}
+    meta = {"model": args.model, "num_classes": test.num_classes, "dataset": args.dataset,
+            "attack": args.attack, "target": attack.target, "poison_ratio": args.poison_ratio}
+    model = models.get_model(args.model, test.num_classes)
+    _, history = training.train(model, poisoned.x, poisoned.y, config, eval_sets=eval_sets, run_dir=args.out,
+                                run_config=run_config, meta=meta, resume=args.resume, quiet=args.quiet)
+    last = history[-1]
+    if "clean_acc" in last:
+        print(f"final     {_fmt(last)}")
+    print(f"wrote {args.out}/run.json and {args.out}/model.npz")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Self-contained demo: poison -> train -> I-BAU -> report (``ibau_jax.demo``)."""
+    from .. import demo
+
+    fields = {f.name for f in dataclasses.fields(demo.DemoConfig)}
+    demo.run_demo(demo.DemoConfig(**{k: v for k, v in vars(args).items() if k in fields}))
+    return 0
+
+
+COMMANDS = {"defend": cmd_defend, "unlearn": cmd_defend, "evaluate": cmd_evaluate, "sweep": cmd_sweep,
+            "attack": cmd_attack, "demo": cmd_demo}
