@@ -60,3 +60,30 @@ def digits_backdoor():
     return {"model": model, "variables": variables, "clean_x": d.clean_x, "clean_y": d.clean_y,
             "eval_sets": eval_sets, "evaluate": lambda v: eval_sets.evaluate(model, v),
             "before": eval_sets.evaluate(model, variables)}
+
+
+def random_images(n: int = 4, seed: int = 0, shape=(32, 32, 3)):
+    """(n, *shape) float32 images uniform in [0, 1) (tests of attacks)."""
+    import numpy as np
+    return np.random.default_rng(seed).random((n, *shape), dtype=np.float32)
+
+
+def make_test_attack(name: str, **kw):
+    """``attacks.get(name)`` with num_classes 10, target 2 and, for file triggers, the shared trigger folder."""
+    from ibau_jax import attacks
+    trig = shared_path(TRIGGERS) if name in attacks.FILE_TRIGGERS else None
+    kw.setdefault("num_classes", 10)
+    kw.setdefault("target", 2)
+    return attacks.get(name, trigger_dir=trig, **kw)
+
+
+@pytest.fixture
+def isolated_cache(tmp_path, monkeypatch):
+    """Never touch ~/.cache or the network: IBAU_CACHE in tmp_path, downloads fail the test."""
+    from ibau_jax.data import download as data_download
+    monkeypatch.setenv("IBAU_CACHE", str(tmp_path / "default-cache"))
+
+    def no_network(url, dst):
+        raise AssertionError(f"test tried to download {url}")
+
+    monkeypatch.setattr(data_download, "_fetch_url", no_network)

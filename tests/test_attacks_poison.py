@@ -4,20 +4,12 @@ import pytest
 from PIL import Image
 
 from ibau_jax import attacks
-from conftest import TRIGGERS, shared_path
+from conftest import TRIGGERS, make_test_attack, random_images, shared_path
 
 ALL = attacks.ATTACK_NAMES
 
 
-def _rand(n=4, seed=0):
-    return np.random.default_rng(seed).random((n, 32, 32, 3), dtype=np.float32)
-
-
-def _make(name, **kw):
-    trig = shared_path(TRIGGERS) if name in attacks.FILE_TRIGGERS else None
-    kw.setdefault("num_classes", 10)
-    kw.setdefault("target", 2)
-    return attacks.get(name, trigger_dir=trig, **kw)
+_rand, _make = random_images, make_test_attack
 
 
 def _data(n=200, seed=0):

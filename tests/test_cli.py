@@ -13,6 +13,7 @@ def _args(*extra):
             "--trigger-dir", str(shared_path(TRIGGERS)), "--attack", "badnets", "--target", "8", *extra]
 
 
+@pytest.mark.slow
 def test_evaluate_reproduces_reference_figures(capsys):
     """Reference (../shared/README.md): clean accuracy 0.8494, ASR 0.9764 (PyTorch)."""
     assert cli.main(["evaluate", *_args()]) == 0
@@ -22,6 +23,7 @@ def test_evaluate_reproduces_reference_figures(capsys):
     assert m["asr_nontarget"] < m["asr_all"]  # target-class images excluded
 
 
+@pytest.mark.slow
 def test_unlearn_round_removes_backdoor(tmp_path, capsys):
     """A real faithful round (50 batches, K=5) on the real checkpoint: ASR falls, accuracy holds."""
     out = tmp_path / "r.json"
@@ -125,6 +127,7 @@ def test_unlearn_on_several_devices_matches_one(tmp_path, one_device_round):
         assert np.linalg.norm(flat - flat_one) <= 1e-4 * np.linalg.norm(flat_one), devices
 
 
+@pytest.mark.slow
 def test_defend_ibau_equals_unlearn(tmp_path, one_device_round):
     """`defend --defense ibau --set ...` and `unlearn` with the same settings are the same run."""
     common, ra, _ = one_device_round

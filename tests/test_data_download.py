@@ -11,15 +11,7 @@ from ibau_jax.data import DataError
 import ibau_jax.data.download as data_download
 
 
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path, monkeypatch):
-    # Never touch ~/.cache or the network from tests.
-    monkeypatch.setenv("IBAU_CACHE", str(tmp_path / "default-cache"))
-
-    def no_network(url, dst):
-        raise AssertionError(f"test tried to download {url}")
-
-    monkeypatch.setattr(data_download, "_fetch_url", no_network)
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
 def test_md5sum_matches_hashlib(tmp_path):

@@ -10,6 +10,7 @@ from ibau_jax.defenses.ft import FineTuning, FTConfig
 from ibau_jax.errors import ConfigError
 
 
+@pytest.mark.slow
 def test_ft_equals_hand_written_epochs():
     """FineTuning.run = the training epoch applied `epochs` times with keys fold_in(key, e)."""
     model = models.SmallVGG(10, widths=(4, 4, 8))
@@ -35,6 +36,7 @@ def test_ft_equals_hand_written_epochs():
                            variables["params"]["classifier"]["kernel"])
 
 
+@pytest.mark.slow
 def test_ft_lowers_asr_on_the_digits_backdoor(digits_backdoor):
     """Measured on the 2-core CPU: 0.953 -> 0.883 asr_all (clean accuracy 0.977 -> 0.983) with the
     digits' augmentation (no flip, crop 2): a weak defense, the floor the others must beat."""

@@ -155,6 +155,7 @@ def test_config_validation():
     assert ibau.IBAUConfig.faithful().radius == 10.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("solver", ["normal_cg", "gmres", "bicgstab"])
 def test_krylov_solvers_on_small_vgg_match_dense(solver):
     # The real model's convolutions are custom_vjp (ibau_jax.conv): the Krylov solvers must
@@ -197,6 +198,7 @@ def _tiny_vgg_problem():
     return model, variables, clean
 
 
+@pytest.mark.slow
 def test_defense_run_equals_round_function_and_reports():
     """IBAU.run (the library loop) equals two calls of make_round with seed_masks of the key's seed."""
     model, variables, clean = _tiny_vgg_problem()
@@ -222,6 +224,7 @@ def test_defense_run_equals_round_function_and_reports():
     np.testing.assert_array_equal(res.artifacts["delta"], np.asarray(out.delta))
 
 
+@pytest.mark.slow
 def test_padded_round_equals_unpadded():
     """Zero-padded batches with weights (what a mesh whose size does not divide the batch gets)
     give the unpadded round: padding never enters a mean."""
@@ -247,6 +250,7 @@ def test_padded_round_equals_unpadded():
     np.testing.assert_allclose(got.delta, ref.delta, rtol=2e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_solver_info_reports_residuals():
     model, variables, clean = _tiny_vgg_problem()
     res = ibau.IBAU(ibau.IBAUConfig(batch_size=6, K=2, rounds=1, portion=0.5, solver="gmres", solver_info=True)).run(

@@ -6,6 +6,7 @@ them and chance is 1/43; measured on 2 shared CPU cores (seeds 0 and 1): 0.505 a
 experiments/gtsrb_model.py is the full-size version (docs/attacks.md).
 """
 import numpy as np
+import pytest
 
 from conftest import shared_path
 from ibau_jax import data, metrics, models, training
@@ -13,6 +14,7 @@ from ibau_jax import data, metrics, models, training
 N_TRAIN, N_TEST = 2000, 1000
 
 
+@pytest.mark.slow
 def test_small_vgg_learns_gtsrb():
     gtsrb = data.load_gtsrb(shared_path("datasets/gtsrb"))
     assert gtsrb.num_classes == 43 and len(gtsrb) == 12630 and gtsrb.x.shape[1:] == (32, 32, 3)

@@ -37,6 +37,7 @@ def test_small_vgg_blocks_are_sown_before_dropout():
     np.testing.assert_allclose(np.asarray(f["features"])[kept], block3[kept] / 0.6, rtol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["preact_resnet18", "resnet18"])
 def test_resnet_features(name):
     m = models.get_model(name, 10)
@@ -52,7 +53,7 @@ def test_resnet_features(name):
     np.testing.assert_allclose(f["features"] @ dense["kernel"] + dense["bias"], m.apply(v, x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["small_vgg", "resnet18"])
+@pytest.mark.parametrize("name", ["small_vgg", pytest.param("resnet18", marks=pytest.mark.slow)])
 def test_sowing_leaves_the_default_apply_bitwise_unchanged(name):
     m = models.get_model(name, 10)
     v = models.init_variables(m, seed=1)

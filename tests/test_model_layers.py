@@ -88,6 +88,7 @@ def test_example_mask_makes_padding_invisible_to_batch_norm(name):
     assert max(jax.tree.leaves(diff)) > 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["small_vgg", "resnet18"])
 def test_example_mask_padding_float64(name):
     m = _model(name)

@@ -109,6 +109,7 @@ def _resnet18_param_count(preact: bool, classes: int) -> int:
     return total + 512 * classes + classes            # linear
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", RESNETS)
 def test_resnet_shapes(name):
     for classes in (10, 43):
@@ -128,6 +129,7 @@ def test_resnet_param_count(name, preact, classes):
         assert n == (11_171_146 if preact else 11_173_962)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", RESNETS)
 def test_resnet_train_mode_and_grad(name):
     m = models.get_model(name, 10)

@@ -184,6 +184,7 @@ def test_logits_match_torch(jax_model, torch_model, data, delta, with_delta):
     assert err <= LOGIT_ATOL, f"max |logits_jax - logits_torch| = {err:.3e} (> {LOGIT_ATOL})"
 
 
+@pytest.mark.slow
 def test_outer_loss_matches_torch(torch_model, problem, results):
     pr = problem
     xo = torch.as_tensor(pr["x_out"]).permute(0, 3, 1, 2).contiguous()
@@ -196,6 +197,7 @@ def test_outer_loss_matches_torch(torch_model, problem, results):
         assert abs(lj - lt) <= LOSS_RTOL * abs(lt), f"K={K}: outer loss jax {lj!r} vs torch {lt!r}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("K", [1, 5])
 def test_hypergradient_matches_torch(results, K):
     _, grads, mapped = results(K)
@@ -211,6 +213,7 @@ def test_hypergradient_matches_torch(results, K):
         f"K={K}: ||g_jax - g_torch|| / ||g_torch|| = {rel:.3e} (> {HYPERGRAD_RTOL}); per tensor:\n{per}")
 
 
+@pytest.mark.slow
 def test_implicit_term_is_exercised(jax_model, problem, results):
     """The hypergradient is not the plain outer gradient, and K matters, on both sides."""
     model, variables = jax_model

@@ -29,6 +29,7 @@ def _rel(a, b):
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["map"])  # vmap: below, with hyperparameters
 def test_sweep_over_seeds_matches_separate_rounds(small, strategy):
     model, variables, config, xb, yb, _ = small
@@ -47,6 +48,7 @@ def test_sweep_over_seeds_matches_separate_rounds(small, strategy):
     assert _rel(outs[0], outs[1]) > 1e-6  # the seeds really differ
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["vmap"])  # seeds and traced hyperparameters batched together
 def test_sweep_over_hyperparameters_matches_configs(small, strategy):
     model, variables, config, xb, yb, _ = small

@@ -38,6 +38,7 @@ def shared() -> Path:
     return shared_root()
 
 
+@pytest.mark.slow
 def test_checkpoint_reference_accuracy_and_asr(shared):
     model = ti.load_small_vgg(shared / "ibau-original" / "checkpoints" / "badnets_8_02_ckpt.pth")
     data = np.load(shared / "datasets" / "cifar10" / "test.npz")

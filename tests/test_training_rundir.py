@@ -48,6 +48,7 @@ def _strip(h):
     return [{k: v for k, v in r.items() if k != "seconds"} for r in h]
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted_and_checks_config(full, tmp_path):
     _, ref, hist_ref = full
     _, hist_half = _run(tmp_path / "cut", stop_after=1)

@@ -27,11 +27,13 @@ def _rel(a, b):
     return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
+@pytest.mark.slow
 def test_the_reference_step_moves_the_weights(results):
     assert int(results["devices"]) == 8
     assert _rel(results["ref"], results["init"]) > 1e-3  # otherwise the comparisons prove nothing
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n", SIZES)
 def test_sharded_train_step_matches_single_device(results, n):
     assert int(results[f"mesh{n}"]) == n
@@ -41,6 +43,7 @@ def test_sharded_train_step_matches_single_device(results, n):
     assert float(results[f"acc{n}"]) == float(results["acc_ref"])  # padding never counts as a hit or miss
 
 
+@pytest.mark.slow
 def test_sharded_epoch_matches_single_device(results):
     n = SIZES[-1]
     assert _rel(results["epoch_ref"], results["init"]) > 1e-3

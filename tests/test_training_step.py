@@ -3,6 +3,7 @@ nothing, and the compiled epoch is the loop of steps it claims to be."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from ibau_jax import models, sharding, training
 
@@ -25,6 +26,7 @@ def _flat(tree):
     return np.concatenate([np.asarray(a, np.float64).ravel() for a in jax.tree.leaves(tree)])
 
 
+@pytest.mark.slow
 def test_train_step_reduces_loss():
     x, y = _data(32)
     config = training.TrainConfig(epochs=1, batch_size=32, lr=0.05)
@@ -59,6 +61,7 @@ def test_augment_flip_and_crop():
     assert len(set(offsets)) > 3  # offsets really vary
 
 
+@pytest.mark.slow
 def test_step_loss_and_acc_are_the_plain_batch_means():
     """Without weights: loss = mean cross-entropy and acc = mean hit rate of the train-mode
     logits, recomputed here with the step's own keys (split as documented)."""
@@ -78,6 +81,7 @@ def test_step_loss_and_acc_are_the_plain_batch_means():
     assert float(m["acc"]) == np.mean(logits.argmax(1) == y)
 
 
+@pytest.mark.slow
 def test_padded_step_with_weights_equals_the_unpadded_step():
     """Padding with zero-weight examples (garbage images, wrong labels) changes neither the loss,
     the accuracy, the gradients nor the BatchNorm statistics."""
@@ -98,6 +102,7 @@ def test_padded_step_with_weights_equals_the_unpadded_step():
     assert np.linalg.norm(b - _flat((state.params, state.batch_stats))) > 1e-3 * np.linalg.norm(b)
 
 
+@pytest.mark.slow
 def test_train_epoch_is_the_loop_of_steps():
     """The compiled epoch = a Python loop of train_step over the documented permutation and keys."""
     x, y = _data(40, size=16)
