@@ -6,8 +6,8 @@ For each attack (BadNets, Blend, Trojan-WM, SIG, WaNet; target class 0): poison 
 ``--n-train`` CIFAR-10 training images (``attacks.poison_dataset``), train a small VGG on them
 (``training.train``, a resumable run directory ``OUT/<attack>/train``), measure clean accuracy,
 ``asr_all`` and ``asr_nontarget``, then run I-BAU from that model with each I-BAU setting
-(``ibau.make_round``: the same compiled round as ``ibau-jax unlearn``, with the masks of
-``ibau-jax unlearn --mask-rng jax``) and measure again.
+(``defenses.ibau.IBAU``: the defense and loop of ``ibau-jax defend --defense ibau``, with
+``mask_rng="jax"``) and measure again.
 
 Test-set split (CIFAR-10 test images, fixed order, as the original code): images
 0 .. n_clean-1 are the defender's clean set for I-BAU; images n_clean .. n_clean+n_test-1
