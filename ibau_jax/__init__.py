@@ -1,2 +1,2 @@
 """ibau-jax: I-BAU backdoor unlearning with compiled implicit hypergradients in JAX."""
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -188,15 +188,24 @@ def test_download_lands_atomically_in_cache(fake_cifar, tmp_path, monkeypatch):
     assert len(calls) == 1
 
 
-def test_download_into_default_cache_when_dir_empty(fake_cifar, tmp_path, monkeypatch):
+def test_explicit_empty_dir_never_falls_back_to_the_cache_or_network(fake_cifar, tmp_path, monkeypatch):
+    """An explicit --data-dir is never replaced by a download (nor by a cached archive): the
+    error says what the folder lacks and how to download instead."""
     cache = tmp_path / "envcache"
     monkeypatch.setenv("IBAU_CACHE", str(cache))
-    monkeypatch.setattr(data_download, "_fetch_url", lambda url, dst: shutil.copy(fake_cifar["tar"], dst))
-    monkeypatch.setattr(data_cifar10, "CIFAR10_MD5", fake_cifar["md5"])
+    calls = []
+    monkeypatch.setattr(data_download, "_fetch_url", lambda url, dst: calls.append(url))
     empty = tmp_path / "empty"
     empty.mkdir()
-    _check(data.load_cifar10(empty, download=True), fake_cifar["expected"], "test")
-    assert (cache / data.CIFAR10_TAR_NAME).is_file()
+    with pytest.raises(DataError) as e:
+        data.load_cifar10(empty, download=True)
+    assert calls == [] and not cache.exists()
+    msg = str(e.value)
+    assert str(empty / "test.npz") in msg and "leave out --data-dir" in msg and str(cache) in msg
+    cache.mkdir()
+    shutil.copy(fake_cifar["tar"], cache / data.CIFAR10_TAR_NAME)  # a cached archive is not used either
+    with pytest.raises(DataError, match="CIFAR-10 test data not found"):
+        data.load_cifar10(empty, download=True)
 
 
 def test_download_checksum_mismatch_leaves_nothing(fake_cifar, tmp_path, monkeypatch):

@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,8 @@ def validate(args: argparse.Namespace) -> None:
         results.check_writable(save, "--save")
     if getattr(args, "command", None) in ("defend", "unlearn", "sweep"):
         results.check_writable(args.out, "--out")
+    if getattr(args, "command", None) == "attack":  # a run directory
+        results.check_writable(Path(args.out) / "run.json", "--out")
 
 
 # ----------------------------------------------------------------------------- loading
@@ -142,7 +145,7 @@ def run_defense(args: argparse.Namespace, defense) -> int:
     import jax
     from tqdm import tqdm
 
-    from .. import checkpoints, metrics, results, sharding
+    from .. import checkpoints, interrupt, metrics, results, sharding
     from ..defenses import CleanSet
 
     mesh = sharding.mesh_for(args.devices)
@@ -157,7 +160,7 @@ def run_defense(args: argparse.Namespace, defense) -> int:
                 "jax_backend": jax.default_backend(), "devices": sharding.num_devices(mesh),
                 "processes": jax.process_count(), "command": args.command},
         "before": evaluate(exp.variables), "after": None, "der": None, "history": [],
-        "seconds": None, "compile_seconds": None, "complete": False}
+        "seconds": None, "compile_seconds": None, "complete": False, "interrupted": False}
     print(f"before    {_fmt(result['before'])}", flush=True)
     if writer:
         results.save(out, result)
@@ -179,7 +182,19 @@ def run_defense(args: argparse.Namespace, defense) -> int:
             results.save(out, result)
         return m
 
-    res = defense.run(exp.model, exp.variables, clean, jax.random.PRNGKey(args.seed), mesh=mesh, callback=callback)
+    try:
+        with interrupt.graceful():
+            res = defense.run(exp.model, exp.variables, clean, jax.random.PRNGKey(args.seed), mesh=mesh,
+                              callback=callback)
+    except interrupt.Interrupted:
+        bar.close()
+        result["interrupted"] = True
+        if writer:
+            results.save(out, result)
+        done = len(result["history"])
+        print(f"interrupted after {done} round(s); {out} holds them, marked \"interrupted\": true",
+              file=sys.stderr)
+        return 130
     bar.close()
     result.update(history=res.history, seconds=round(res.seconds, 3), compile_seconds=round(res.compile_seconds, 3),
                   diagnostics=res.diagnostics, complete=True)
@@ -269,7 +284,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_attack(args: argparse.Namespace) -> int:
     """Train a poisoned model (``training.train``) and write RUN_DIR (one checkpoint step per epoch
     under checkpoints/, plus the model.npz and run.json exports)."""
-    from .. import attacks, data, experiment, models, rng, training
+    from .. import attacks, data, experiment, interrupt, models, rng, training
 
     streams = rng.streams(args.seed)  # independent streams: trigger pattern, poison choice, init, epochs
     if args.dataset == "cifar10":
@@ -301,8 +316,15 @@ def cmd_attack(args: argparse.Namespace) -> int:
     meta = {"model": args.model, "num_classes": test.num_classes, "dataset": args.dataset,
             "attack": args.attack, "target": attack.target, "poison_ratio": args.poison_ratio}
     model = models.get_model(args.model, test.num_classes)
-    _, history = training.train(model, poisoned.x, poisoned.y, config, eval_sets=eval_sets, run_dir=args.out,
-                                run_config=run_config, meta=meta, resume=args.resume, quiet=args.quiet)
+    try:
+        with interrupt.graceful("stopping after the epoch in progress (Ctrl-C again to abandon it now)"):
+            _, history = training.train(model, poisoned.x, poisoned.y, config, eval_sets=eval_sets,
+                                        run_dir=args.out, run_config=run_config, meta=meta, resume=args.resume,
+                                        quiet=args.quiet)
+    except interrupt.Interrupted:
+        print(f"interrupted: {args.out} holds every finished epoch; continue with the same flags and --resume",
+              file=sys.stderr)
+        return 130
     last = history[-1]
     if "clean_acc" in last:
         print(f"final     {_fmt(last)}")

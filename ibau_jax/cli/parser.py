@@ -1,21 +1,37 @@
 """The ``ibau-jax`` command line: flags only (no computation; ``commands`` does the work).
 
-Kept free of jax imports so that ``ibau-jax -h`` is instant.
+The choices come from the libraries' registries (attacks, models, solvers), so a registered
+addition appears here without an edit.
 """
 from __future__ import annotations
 
 import argparse
 
-DATASETS = ("cifar10", "gtsrb")
-MODEL_NAMES = ("small_vgg", "preact_resnet18", "resnet18")
-SOLVERS = ("neumann", "normal_cg", "gmres", "cg", "bicgstab", "dense")
-MASK_RNGS = ("python", "jax")
+from ..experiment import DATASETS
 
 
 def _attack_names() -> tuple[str, ...]:
-    from .. import attacks  # numpy + the registry; no jax work
+    from .. import attacks
 
     return tuple(attacks.ATTACK_NAMES)
+
+
+def _model_names() -> tuple[str, ...]:
+    from .. import models
+
+    return tuple(sorted(models.MODELS))
+
+
+def _solvers() -> tuple[str, ...]:
+    from .. import hypergrad
+
+    return tuple(hypergrad.SOLVERS)
+
+
+def _mask_rngs() -> tuple[str, ...]:
+    from ..defenses import ibau
+
+    return tuple(ibau.MASK_RNGS)
 
 
 def _data_flags(p: argparse.ArgumentParser) -> None:
@@ -35,7 +51,7 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default=None,
                    help="PyTorch checkpoint (.pth) or ibau-jax checkpoint (.npz); optional with --model RUN_DIR")
     p.add_argument("--model", default="small_vgg",
-                   help=f"architecture ({', '.join(MODEL_NAMES)}) or a RUN_DIR written by "
+                   help=f"architecture ({', '.join(_model_names())}) or a RUN_DIR written by "
                         "`ibau-jax attack` (its weights, model, attack and target become the defaults)")
     _data_flags(p)
     p.add_argument("--trigger-dir", default=None, help="folder with the trigger PNGs (and mask.npy)")
@@ -82,14 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--rounds", type=int, default=1)
     u.add_argument("--preset", default="faithful", choices=("faithful", "defense_py"),
                    help="faithful = the original notebook (L2 projection on); defense_py = projection off")
-    u.add_argument("--solver", default="neumann", choices=SOLVERS)
+    u.add_argument("--solver", default="neumann", choices=_solvers())
     u.add_argument("--K", type=int, default=5, help="fixed-point (Neumann) steps")
     u.add_argument("--batch-size", type=int, default=100)
     u.add_argument("--radius", type=float, default=None, help="L2 radius of δ (default 10)")
     u.add_argument("--no-projection", action="store_true")
     u.add_argument("--outer-lr", type=float, default=None, help="Adam learning rate (default 1e-3)")
     u.add_argument("--limit-batches", type=int, default=0, help="use only the first B clean batches (quick runs)")
-    u.add_argument("--mask-rng", default="python", choices=MASK_RNGS,
+    u.add_argument("--mask-rng", default="python", choices=_mask_rngs(),
                    help="how the perturbed image of each outer batch is drawn: python = the original "
                         "code's random.sample stream after random.seed(SEED) (default); jax = jax.random")
     _run_flags(u, "result.json")
@@ -100,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     w = sub.add_parser("sweep", help="I-BAU over seeds x hyperparameters, vmapped in chunks; mean ± std table")
     _model_flags(w)
     w.add_argument("--preset", default="faithful", choices=("faithful", "defense_py"))
-    w.add_argument("--solver", default="neumann", choices=SOLVERS)
+    w.add_argument("--solver", default="neumann", choices=_solvers())
     w.add_argument("--batch-size", type=int, default=100)
     w.add_argument("--K", type=int, nargs="+", default=[5], help="values of K (one compilation each)")
     w.add_argument("--outer-lr", type=float, nargs="+", default=None, help="values of the outer learning rate")
@@ -109,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--radius", type=float, nargs="+", default=None, help="values of the projection radius")
     w.add_argument("--seed", type=int, default=0, help="first seed")
     w.add_argument("--num-seeds", type=int, default=4, help="seeds seed .. seed+num_seeds-1 per setting")
-    w.add_argument("--mask-rng", default="python", choices=MASK_RNGS, help="as in unlearn")
+    w.add_argument("--mask-rng", default="python", choices=_mask_rngs(), help="as in unlearn")
     w.add_argument("--chunk", type=int, default=4, help="runs (setting x seed) per compiled call; bounds memory")
     w.add_argument("--strategy", default="auto", choices=("auto", "vmap", "map"),
                    help="runs of a chunk batched (vmap) or in sequence inside one program (map); auto: map on CPU")
@@ -124,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--trigger-dir", default=None, help="folder with the trigger PNGs (file triggers)")
     a.add_argument("--target", type=int, default=0)
     a.add_argument("--poison-ratio", type=float, default=0.1)
-    a.add_argument("--model", default="small_vgg", choices=MODEL_NAMES)
+    a.add_argument("--model", default="small_vgg", choices=_model_names())
     a.add_argument("--epochs", type=int, default=30)
     a.add_argument("--train-limit", type=int, default=0, help="train on the first N images only (0 = all)")
     a.add_argument("--batch-size", type=int, default=128)

@@ -187,7 +187,7 @@ def _missing_cifar10_message(d: Path, split: Split, source: Source) -> str:
         parts.append(f"{d / CIFAR10_EXTRACTED_DIR}/ (the extracted archive)")
     how = "pass --data-dir pointing at them"
     if source != "npz":
-        how += " or allow download (download=True)"
+        how += f" or leave out --data-dir (data_dir=None) to download into the cache ({default_cache_dir()})"
     return f"CIFAR-10 {split} data not found: expected " + " or ".join(parts) + f"; put the files there, {how}"
 
 
@@ -275,8 +275,7 @@ def load_cifar10(
         return from_extracted(d / CIFAR10_EXTRACTED_DIR)
     if (d / _CIFAR10_BATCHES[split][0]).is_file():  # d is cifar-10-batches-py itself
         return from_extracted(d)
-    if (cache / CIFAR10_TAR_NAME).is_file() or download:
-        return from_tar(_cifar10_archive_in_cache(cache, download))
+    # An explicit folder is never replaced by the cache or the network: say what it lacks.
     raise DataError(_missing_cifar10_message(d, split, source))
 
 

@@ -25,6 +25,7 @@ from typing import Any, Callable, ClassVar, Mapping, Protocol, Sequence
 import jax
 import numpy as np
 
+from .. import interrupt
 from ..errors import ConfigError, UserError
 
 PyTree = Any
@@ -116,7 +117,8 @@ def run_rounds(step: Any, state: Any, inputs: Sequence[Any], *, consts: tuple = 
     as host numpy; ``record_of(r, aux)``: the round's figures. After each round the variables
     must be finite (else :class:`DivergenceError` with ``divergence_hint``), then
     ``callback(r, variables, record)`` runs and its returned dict joins the record.
-    Rounds are numbered from 1.
+    Rounds are numbered from 1. A stop requested with Ctrl-C (``interrupt.graceful``) raises
+    ``interrupt.Interrupted`` at the next round boundary, compilation included.
     """
     t0 = time.perf_counter()
     compiled = step.lower(state, inputs[0], *consts).compile() if inputs else None
@@ -124,6 +126,7 @@ def run_rounds(step: Any, state: Any, inputs: Sequence[Any], *, consts: tuple = 
     history: list[dict[str, Any]] = []
     seconds = 0.0
     for r, inp in enumerate(inputs, start=1):
+        interrupt.check()
         if on_round_start is not None:
             on_round_start(r)
         t0 = time.perf_counter()

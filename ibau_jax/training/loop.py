@@ -23,7 +23,7 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from .. import metrics
+from .. import interrupt, metrics
 from .. import rng as rng_lib
 from .. import sharding
 from ..errors import ConfigError
@@ -104,6 +104,7 @@ def train(model: nn.Module, x: np.ndarray, y: np.ndarray, config: TrainConfig, *
         run_epoch = lambda s, k: sharded(s, xs, ys, k)
     try:
         for epoch in range(start + 1, config.epochs + 1):
+            interrupt.check()  # a Ctrl-C (inside interrupt.graceful) stops between epochs
             t0 = time.perf_counter()
             state, m = run_epoch(state, jax.random.fold_in(epochs_key, epoch))
             if mesh is not None and not quiet:
