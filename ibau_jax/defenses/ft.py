@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from .. import sharding, training
-from ..errors import ConfigError
+from ..errors import ConfigError, check_finite
 from .base import CleanSet, DefenseResult, run_rounds
 
 
@@ -44,11 +44,11 @@ class FTConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {v!r}")
-        if not (np.isfinite(self.lr) and self.lr > 0):
+        if check_finite("lr", self.lr) <= 0:
             raise ConfigError(f"lr must be a finite number > 0, got {self.lr!r}")
-        if not (np.isfinite(self.momentum) and 0 <= self.momentum < 1):
+        if not 0 <= check_finite("momentum", self.momentum) < 1:
             raise ConfigError(f"momentum must be in [0, 1), got {self.momentum!r}")
-        if not (np.isfinite(self.weight_decay) and self.weight_decay >= 0):
+        if check_finite("weight_decay", self.weight_decay) < 0:
             raise ConfigError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
         if self.crop_pad < 0:
             raise ConfigError(f"crop_pad must be >= 0, got {self.crop_pad}")

@@ -31,7 +31,7 @@ import numpy as np
 import optax
 
 from .. import hypergrad, sharding
-from ..errors import ConfigError
+from ..errors import ConfigError, check_finite
 from .base import CleanSet, DefenseResult, run_rounds
 
 PyTree = Any
@@ -108,12 +108,7 @@ class IBAUConfig:
                 continue
             if isinstance(v, np.ndarray) and v.ndim:     # vmapped sweep values
                 continue
-            try:
-                f = float(v)
-            except (TypeError, ValueError):
-                raise ConfigError(f"{name} must be a number, got {v!r}") from None
-            if not np.isfinite(f):
-                raise ConfigError(f"{name} must be finite, got {v!r}")
+            f = check_finite(name, v)
             if name in ("fp_step", "search_lr", "outer_lr", "solver_tol", "radius") and f <= 0:
                 raise ConfigError(f"{name} must be > 0, got {v!r}" + (" (or None for no projection)" if name == "radius" else ""))
             if name in ("inner_reg", "search_reg") and f < 0:

@@ -34,16 +34,20 @@ def _conv1x1(features: int, stride: int, name: str) -> nn.Conv:
     return nn.Conv(features, (1, 1), strides=(stride, stride), padding="VALID", use_bias=False, name=name)
 
 
-class PreActBlock(nn.Module):
+class _Block(nn.Module):
+    """The fields of both CIFAR ResNet blocks: output channels, stride of the first conv, conv path."""
+
+    features: int
+    stride: int = 1
+    conv_impl: str = "canonical"
+
+
+class PreActBlock(_Block):
     """Pre-activation basic block (He et al. 2016, "Identity Mappings"):
 
     o = relu(bn1(x)); shortcut = conv1x1_s(o) if the shape changes else x;
     out = conv3x3(relu(bn2(conv3x3_s(o)))) + shortcut.
     """
-
-    features: int
-    stride: int = 1
-    conv_impl: str = "canonical"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False,
@@ -59,16 +63,12 @@ class PreActBlock(nn.Module):
         return out + shortcut
 
 
-class BasicBlock(nn.Module):
+class BasicBlock(_Block):
     """Post-activation basic block (He et al. 2015):
 
     out = relu(bn2(conv3x3(relu(bn1(conv3x3_s(x))))) + shortcut(x)),
     shortcut = shortcut_bn(conv1x1_s(x)) if the shape changes else x.
     """
-
-    features: int
-    stride: int = 1
-    conv_impl: str = "canonical"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False,
