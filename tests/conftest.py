@@ -14,8 +14,18 @@ import pytest
 # One persistent XLA compilation cache per test session, shared with the subprocesses the
 # tests start (they inherit the environment): the same program (e.g. a faithful I-BAU round
 # on the authors' model) is compiled once instead of once per test. Set before jax is imported.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="ibau-jax-xla-cache-"))
+_OWN_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _OWN_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="ibau-jax-xla-cache-")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    # The process that made the cache removes it (xdist workers inherit the variable, so they
+    # never own one); nothing is left in /tmp.
+    if _OWN_CACHE is not None:
+        import shutil
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CKPT = "ibau-original/checkpoints/badnets_8_02_ckpt.pth"
