@@ -19,41 +19,36 @@ from ..errors import ConfigError, UserError
 
 # ----------------------------------------------------------------------------- validation
 
-def _int_at_least(args: argparse.Namespace, name: str, low: int) -> None:
+def _values(args: argparse.Namespace, name: str) -> list[Any]:
+    """The values a flag was given (a list for nargs flags), without the unset ones."""
     v = getattr(args, name, None)
-    if v is not None and v < low:
-        raise ConfigError(f"--{name.replace('_', '-')} must be >= {low}, got {v}")
-
-
-def _positive_finite(args: argparse.Namespace, name: str) -> None:
-    vals = getattr(args, name, None)
-    for v in (vals if isinstance(vals, list) else [vals]):
-        if v is not None and (not math.isfinite(v) or v <= 0):
-            raise ConfigError(f"--{name.replace('_', '-')} must be a finite number > 0, got {v}")
+    return [x for x in (v if isinstance(v, list) else [v]) if x is not None]
 
 
 def validate(args: argparse.Namespace) -> None:
     """Range and finiteness of every numeric flag, and the writability of every output, up front."""
     from .. import results
 
+    flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
     for name, low in (("rounds", 1), ("limit_batches", 0), ("devices", 1), ("n_clean", 1), ("seed", 0),
                       ("K", 1), ("batch_size", 1), ("num_seeds", 1), ("chunk", 1), ("epochs", 1),
                       ("train_limit", 0), ("eval_every", 1), ("target", 0), ("n_train", 1), ("n_test", 1),
                       ("ibau_batch_size", 1), ("train_batch_size", 1), ("num_processes", 1), ("process_id", 0)):
-        v = getattr(args, name, None)
-        for item in (v if isinstance(v, list) else [v]):
-            if item is not None and item < low:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= {low}, got {item}")
+        for v in _values(args, name):
+            if v < low:
+                raise ConfigError(f"{flag(name)} must be >= {low}, got {v}")
     for name in ("radius", "outer_lr", "fp_step", "lr"):
-        _positive_finite(args, name)
+        for v in _values(args, name):
+            if not math.isfinite(v) or v <= 0:
+                raise ConfigError(f"{flag(name)} must be a finite number > 0, got {v}")
     for name in ("inner_reg", "weight_decay"):
-        for v in (getattr(args, name, None) if isinstance(getattr(args, name, None), list) else [getattr(args, name, None)]):
-            if v is not None and (not math.isfinite(v) or v < 0):
-                raise ConfigError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v}")
+        for v in _values(args, name):
+            if not math.isfinite(v) or v < 0:
+                raise ConfigError(f"{flag(name)} must be a finite number >= 0, got {v}")
     for name in ("poison_ratio", "portion"):
-        v = getattr(args, name, None)
-        if v is not None and not (math.isfinite(v) and 0 < v <= 1):
-            raise ConfigError(f"--{name.replace('_', '-')} must be in (0, 1], got {v}")
+        for v in _values(args, name):
+            if not (math.isfinite(v) and 0 < v <= 1):
+                raise ConfigError(f"{flag(name)} must be in (0, 1], got {v}")
     save = getattr(args, "save", None)
     if save:
         if not str(save).endswith(".npz"):

@@ -90,9 +90,9 @@ class FineTuning:
         def step(state, k, xs, ys):
             return epoch(state, xs, ys, k)
 
-        host = sharding.to_host if mesh is not None else (lambda t: jax.tree.map(np.asarray, t))
-        variables_of = lambda s: {"params": host(s.params), "batch_stats": host(s.batch_stats)}
-        record_of = lambda r, m: {"loss": float(host(m["loss"])), "train_acc": float(host(m["acc"]))}
+        variables_of = lambda s: sharding.to_host({"params": s.params, "batch_stats": s.batch_stats})
+        record_of = lambda r, m: {"loss": float(sharding.to_host(m["loss"])),
+                                  "train_acc": float(sharding.to_host(m["acc"]))}
         loop = run_rounds(step, state, keys, consts=(xs, ys), variables_of=variables_of, record_of=record_of,
                           callback=callback, divergence_hint="lower lr (--set lr=...)")
         return DefenseResult(variables_of(loop.state), loop.history, {"steps_per_epoch": steps,

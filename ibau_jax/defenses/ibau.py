@@ -449,17 +449,17 @@ class IBAU:
             out = round_fn(p, bs, s, x, y, m, *w)
             return (out.params, out.opt_state), out
 
-        host = sharding.to_host if mesh is not None else (lambda t: jax.tree.map(np.asarray, t))
-        variables_of = lambda state: {"params": host(state[0]), "batch_stats": host(batch_stats)}
+        variables_of = lambda state: {"params": sharding.to_host(state[0]),
+                                      "batch_stats": sharding.to_host(batch_stats)}
 
         last: dict[str, Any] = {}
 
         def record_of(r, out):
             last["delta"] = out.delta
-            rec = {"delta_norm": float(np.linalg.norm(host(out.delta))),
-                   "outer_loss": float(np.mean(host(out.losses)))}
+            rec = {"delta_norm": float(np.linalg.norm(sharding.to_host(out.delta))),
+                   "outer_loss": float(np.mean(sharding.to_host(out.losses)))}
             if out.info is not None:
-                info = host(out.info)
+                info = sharding.to_host(out.info)
                 rel = info.residual_norm / np.maximum(info.rhs_norm, np.finfo(np.float32).tiny)
                 rec.update(solver_max_rel_residual=float(np.max(rel)),
                            solver_mean_iterations=float(np.mean(info.iterations)),
@@ -474,4 +474,4 @@ class IBAU:
                        "padded_batch_size": int(xb.shape[1]), "unused_clean_images": unused,
                        "devices": sharding.num_devices(mesh)}
         return DefenseResult(variables_of(loop.state), loop.history, diagnostics, loop.seconds,
-                             loop.compile_seconds, artifacts={"delta": host(last["delta"])})
+                             loop.compile_seconds, artifacts={"delta": sharding.to_host(last["delta"])})
