@@ -1,9 +1,13 @@
-"""Seeds × hyperparameter sweeps of I-BAU: many runs per compiled call, mean ± std tables.
+"""Seeds × hyperparameter sweeps: mean ± std tables over seeds for every setting.
 
-``sweep_rounds`` vmaps (or ``lax.map``s) one I-BAU round over seeds (their masks) and the
+For I-BAU, ``sweep_rounds`` vmaps (or ``lax.map``s) one I-BAU round over seeds (their masks) and the
 numeric hyperparameters in ``defenses.ibau.SWEEPABLE``, ``chunk`` runs per compiled call;
 distinct K (or other static fields) are separate compilations in a Python loop. The rounds
 of a chunk go through the defenses' one loop (``defenses.base.run_rounds``).
+
+Any other registered defense goes through ``sweep_defense``: one ``run`` per (setting, seed),
+settings built from the defense's config (``defenses.get(name, **setting)``); runs of the same
+static shapes reuse jax's compilation cache.
 """
 from __future__ import annotations
 
@@ -128,11 +132,43 @@ def sweep_rounds(model, config: ibau.IBAUConfig, variables: PyTree, xb: Any, yb:
     return records
 
 
+def sweep_defense(name: str, base: Mapping[str, Any], grid: Mapping[str, Sequence[Any]], seeds: Sequence[int],
+                  run_one: Callable[[Any, int], dict[str, float]],
+                  on_run: Callable[[int, int], None] | None = None) -> list[dict[str, Any]]:
+    """Defense ``name`` for every (setting, seed): ``run_one(defense, seed) -> metrics``.
+
+    base: config overrides every run shares; grid: ``{field: values}`` of the defense's config
+    (every setting is validated by building its config before the first run, so a bad value
+    costs no run). Returns one record per setting, as :func:`sweep_rounds` does (per-seed
+    metrics and ``{metric}_mean`` / ``{metric}_std`` over seeds).
+    """
+    from . import defenses
+
+    if not seeds:
+        raise ConfigError("a sweep needs at least one seed (--num-seeds >= 1)")
+    settings = grid_settings(dict(grid)) or [{}]
+    built = [defenses.get(name, **{**base, **st}) for st in settings]  # validates every setting first
+    records: list[dict[str, Any]] = []
+    total, done = len(settings) * len(seeds), 0
+    for st, defense in zip(settings, built):
+        per = []
+        for s in seeds:
+            per.append(run_one(defense, s))
+            done += 1
+            if on_run is not None:
+                on_run(done, total)
+        rec: dict[str, Any] = {**st, "seeds": list(seeds), "per_seed": per}
+        for m in METRICS:
+            rec[f"{m}_mean"], rec[f"{m}_std"] = _mean_std([p[m] for p in per])
+        records.append(rec)
+    return records
+
+
 def sweep_markdown(result: dict[str, Any]) -> str:
     """A sweep result's records as a markdown table (mean ± std over seeds)."""
     keys = result["swept"]
     head = "| " + " | ".join(keys) + " | seeds | clean acc | ASR (all) | ASR (non-target) | RA |"
-    lines = [f"# I-BAU sweep: {result['config'].get('attack', '')} on {result['config'].get('dataset', '')}, "
+    lines = [f"# {result['config'].get('defense', 'ibau')} sweep: {result['config'].get('attack', '')} on {result['config'].get('dataset', '')}, "
              f"{result['config'].get('rounds', 1)} round(s)", "", head, "|" + "---|" * (len(keys) + 5)]
     for r in result["records"]:
         cells = [f"{r[k]:g}" if isinstance(r[k], float) else str(r[k]) for k in keys]

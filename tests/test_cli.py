@@ -101,9 +101,9 @@ def _flat_params(path):
 
 @pytest.mark.slow
 def test_unlearn_on_several_devices_matches_one(tmp_path, one_device_round):
-    """`unlearn --devices 3` and `--devices 8` with the default batch of 100 (8 forced CPU devices,
-    in one subprocess; 3 does not divide 100: the batch is padded and the padding masked) give
-    the one-device model."""
+    """`unlearn --devices 3` with the default batch of 100 (forced CPU devices, in a subprocess; 3
+    does not divide 100: the batch is padded and the padding masked) gives the one-device model.
+    (Even device counts, 2 to 8, are covered by tests/test_sharding.py.)"""
     import os
     import subprocess
     import sys
@@ -113,11 +113,11 @@ def test_unlearn_on_several_devices_matches_one(tmp_path, one_device_round):
     common, res_one, one = one_device_round
     script = ("import sys; from ibau_jax import cli; common = sys.argv[2:]; "
               "[cli.main(['unlearn', *common, '--devices', str(n), '--out', f'{sys.argv[1]}/{n}.json', "
-              "'--save', f'{sys.argv[1]}/{n}.npz']) for n in (3, 8)]")
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+              "'--save', f'{sys.argv[1]}/{n}.npz']) for n in (3,)]")
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=3"}
     subprocess.run([sys.executable, "-c", script, str(tmp_path), *common], env=env, check=True)
     flat_one = _flat_params(one)
-    for devices in (3, 8):
+    for devices in (3,):
         res = json.loads((tmp_path / f"{devices}.json").read_text())
         assert res["run"]["devices"] == devices
         assert res["diagnostics"]["padded_batch_size"] == -(-100 // devices) * devices
@@ -143,7 +143,7 @@ def test_defend_ibau_equals_unlearn(tmp_path, one_device_round):
 def test_defend_bad_names_are_one_line_errors(tmp_path, capsys):
     assert cli.main(["defend", "--defense", "no_such_defense", *_args("--out", str(tmp_path / "x.json"))]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "ibau-jax: error: unknown defense 'no_such_defense'; registered defenses: ibau, ft"
+    assert err == "ibau-jax: error: unknown defense 'no_such_defense'; registered defenses: ibau, ft, nc, tabor, deepinspect, fp, nad, anp, sau"
     assert cli.main(["defend", "--defense", "ibau", "--set", "lr=1", *_args("--out", str(tmp_path / "x.json"))]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "valid fields: batch_size, K" in err

@@ -20,7 +20,7 @@ def test_registry_builds_configured_defenses():
 
 
 def test_unknown_defense_and_field_name_the_valid_ones():
-    with pytest.raises(ConfigError, match="unknown defense 'no_such'; registered defenses: ibau, ft"):
+    with pytest.raises(ConfigError, match="unknown defense 'no_such'; registered defenses: ibau, ft, nc, tabor, deepinspect, fp, nad, anp, sau"):
         defenses.get("no_such")
     with pytest.raises(ConfigError, match="no field.*'lr'.*valid fields: batch_size, K"):
         defenses.get("ibau", lr=1.0)

@@ -73,3 +73,31 @@ def test_sweep_rejects_unknown_field_and_no_seeds(small):
         sweep.sweep_rounds(model, config, variables, xb, yb, seeds=[0], grid={"lr": [1.0]})
     with pytest.raises(ConfigError, match="at least one seed"):
         sweep.sweep_rounds(model, config, variables, xb, yb, seeds=[])
+
+
+def test_sweep_defense_runs_every_setting_and_seed_and_checks_settings_first():
+    """Any registered defense: one run per (setting, seed), mean ± std (ddof 1) over seeds;
+    a bad value anywhere in the grid fails before the first run."""
+    import numpy as np
+    import pytest
+
+    from ibau_jax import sweep
+    from ibau_jax.errors import ConfigError
+
+    calls = []
+
+    def run_one(defense, seed):
+        calls.append((defense.config.lr, defense.config.epochs, seed))
+        v = defense.config.lr * 10 + seed / 100
+        return {"clean_acc": v, "asr_all": 1 - v, "asr_nontarget": 0.5, "robust_acc": seed / 10}
+
+    recs = sweep.sweep_defense("ft", {"epochs": 2}, {"lr": [0.01, 0.02]}, [0, 1, 2], run_one)
+    assert calls == [(lr, 2, s) for lr in (0.01, 0.02) for s in (0, 1, 2)]
+    assert [r["lr"] for r in recs] == [0.01, 0.02] and recs[0]["seeds"] == [0, 1, 2]
+    vals = np.array([0.1, 0.11, 0.12])
+    assert recs[0]["clean_acc_mean"] == pytest.approx(vals.mean())
+    assert recs[0]["clean_acc_std"] == pytest.approx(vals.std(ddof=1))
+    calls.clear()
+    with pytest.raises(ConfigError, match="lr must be"):
+        sweep.sweep_defense("ft", {}, {"lr": [0.01, -1.0]}, [0], run_one)
+    assert calls == []

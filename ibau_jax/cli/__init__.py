@@ -1,4 +1,4 @@
-"""Command line: ``ibau-jax defend | unlearn | evaluate | sweep | attack | demo``.
+"""Command line: ``ibau-jax defend | unlearn | evaluate | sweep | attack | demo | bench | report``.
 
     ibau-jax defend --defense ibau --set rounds=1 --checkpoint badnets_8_02_ckpt.pth \\
         --dataset cifar10 --data-dir DIR --attack badnets --target 8 --out result.json

@@ -37,7 +37,7 @@ def validate(args: argparse.Namespace) -> None:
         for v in _values(args, name):
             if v < low:
                 raise ConfigError(f"{flag(name)} must be >= {low}, got {v}")
-    for name in ("radius", "outer_lr", "fp_step", "lr"):
+    for name in ("radius", "outer_lr", "fp_step", "lr", "dp_noise", "dp_clip"):
         for v in _values(args, name):
             if not math.isfinite(v) or v <= 0:
                 raise ConfigError(f"{flag(name)} must be a finite number > 0, got {v}")
@@ -49,6 +49,10 @@ def validate(args: argparse.Namespace) -> None:
         for v in _values(args, name):
             if not (math.isfinite(v) and 0 < v <= 1):
                 raise ConfigError(f"{flag(name)} must be in (0, 1], got {v}")
+    if (getattr(args, "dp_noise", None) is None) != (getattr(args, "dp_clip", None) is None):
+        given, missing = ("--dp-noise", "--dp-clip") if args.dp_clip is None else ("--dp-clip", "--dp-noise")
+        raise ConfigError(f"{given} needs {missing} too: DP-SGD takes both the noise multiplier and the "
+                          "clipping norm (e.g. --dp-noise 1.0 --dp-clip 1.0), or neither")
     save = getattr(args, "save", None)
     if save:
         if not str(save).endswith(".npz"):
@@ -136,7 +140,9 @@ def cmd_defend(args: argparse.Namespace) -> int:
     return run_defense(args, defense)
 
 
-def run_defense(args: argparse.Namespace, defense) -> int:
+def run_defense(args: argparse.Namespace, defense, exp=None) -> int:
+    """Run ``defense`` on ``exp`` (default: ``load_experiment(args)``), writing ``args.out`` after
+    every round; 130 when interrupted. ``ibau-jax bench`` runs each of its cells through here."""
     import jax
     from tqdm import tqdm
 
@@ -144,7 +150,7 @@ def run_defense(args: argparse.Namespace, defense) -> int:
     from ..defenses import CleanSet
 
     mesh = sharding.mesh_for(args.devices)
-    exp = load_experiment(args)
+    exp = load_experiment(args) if exp is None else exp
     writer = jax.process_index() == 0  # multi-host: every process computes the same; one writes
     evaluate = lambda v: exp.evaluate(v, mesh)
     out = Path(args.out)
@@ -223,9 +229,81 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_sweep(args: argparse.Namespace) -> int:
-    """Seeds x hyperparameter grid, vmapped in chunks (``sweep.sweep_rounds``); mean ± std table."""
+def _parse_grid(name: str, pairs: list[str]) -> dict[str, list[Any]]:
+    """``["field=v1,v2", ...]`` -> ``{field: [typed values]}`` for defense ``name``'s config."""
+    from .. import defenses
+    from ..defenses.base import parse_value
+
+    cls = defenses.defense_class(name)
+    grid: dict[str, list[Any]] = {}
+    for pair in pairs:
+        field, sep, values = pair.partition("=")
+        if not sep or not values.strip():
+            raise ConfigError(f"--grid {pair!r}: expected FIELD=V1,V2,...")
+        grid[field.strip()] = [parse_value(cls.Config, field.strip(), v) for v in values.split(",")]
+    return grid
+
+
+def _sweep_defense(args: argparse.Namespace) -> int:
+    """A defense other than I-BAU: one ``run`` per (setting, seed), ``sweep.sweep_defense``."""
     from .. import defenses, distributed
+
+    ibau_flags = [f for f in ("outer_lr", "fp_step", "inner_reg", "radius") if getattr(args, f)]
+    if ibau_flags or args.K != [5] or args.limit_batches:
+        raise ConfigError(f"--K/--outer-lr/--fp-step/--inner-reg/--radius/--limit-batches sweep I-BAU; for "
+                          f"--defense {args.defense} give its config fields with --grid FIELD=V1,V2 and --set")
+    base = defenses.parse_overrides(args.defense, args.set)
+    grid = _parse_grid(args.defense, args.grid)
+    from .. import sweep
+    for st in sweep.grid_settings(grid) or [{}]:  # every setting's config checked before any data loads
+        defenses.get(args.defense, **{**base, **st})
+    distributed.init_distributed(args.coordinator, args.num_processes, args.process_id)
+
+    import time
+
+    import jax
+
+    from .. import results, sharding
+    from ..defenses import CleanSet
+
+    exp = load_experiment(args)
+    seeds = list(range(args.seed, args.seed + args.num_seeds))
+    mesh = sharding.mesh_for(args.devices)
+    clean = CleanSet(exp.clean_x, exp.clean_y, exp.num_classes)
+    t0 = time.perf_counter()
+
+    def run_one(defense, seed: int) -> dict[str, float]:
+        res = defense.run(exp.model, exp.variables, clean, jax.random.PRNGKey(seed), mesh=mesh)
+        return exp.evaluate(res.variables, mesh)
+
+    done = lambda k, n: print(f"[{k}/{n} runs] {time.perf_counter() - t0:.1f} s", flush=True)
+    records = sweep.sweep_defense(args.defense, base, grid, seeds, run_one, on_run=done)
+    result = {"config": {"defense": args.defense, "checkpoint": str(args.checkpoint), "model": args.model,
+                         "dataset": args.dataset, "attack": args.attack, "target": exp.target, "seeds": seeds,
+                         "n_clean": args.n_clean, "overrides": base, "devices": sharding.num_devices(mesh),
+                         "processes": jax.process_count(), "jax_backend": jax.default_backend(),
+                         "seconds": round(time.perf_counter() - t0, 3)},
+              "before": exp.evaluate(exp.variables, mesh), "swept": sorted(grid), "records": records}
+    table = sweep.sweep_markdown(result)
+    print(table, end="")
+    if jax.process_index() == 0:
+        out = Path(args.out)
+        results.write_atomic(out, results.dumps(result))
+        results.write_atomic(out.with_suffix(".md"), table)
+        print(f"wrote {out} and {out.with_suffix('.md')}")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Seeds x hyperparameter grid; I-BAU vmapped in chunks (``sweep.sweep_rounds``), any other
+    defense one run per (setting, seed) (``sweep.sweep_defense``); mean ± std table."""
+    from .. import defenses, distributed
+
+    if args.defense != "ibau":
+        return _sweep_defense(args)
+    if args.grid or args.set:
+        raise ConfigError("--grid/--set sweep other defenses; for ibau use --K, --outer-lr, --fp-step, "
+                          "--inner-reg, --radius")
 
     config = defenses.get("ibau", batch_size=args.batch_size, solver=args.solver, mask_rng=args.mask_rng,
                           max_batches=args.limit_batches,
@@ -256,7 +334,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                                  rounds=args.rounds, chunk=args.chunk, evaluate_fn=evaluate, mesh=mesh,
                                  on_chunk=done, strategy=args.strategy, mask_rng=args.mask_rng)
     result = {"config": {"checkpoint": str(args.checkpoint), "model": args.model, "dataset": args.dataset,
-                         "attack": args.attack, "target": exp.target, "rounds": args.rounds, "seeds": seeds,
+                         "defense": "ibau", "attack": args.attack, "target": exp.target, "rounds": args.rounds,
+                         "seeds": seeds,
                          "mask_rng": args.mask_rng, "chunk": args.chunk, "strategy": args.strategy,
                          "n_clean": args.n_clean, "num_batches": int(xb.shape[0]), "preset": args.preset,
                          "ibau": dataclasses.asdict(config), "devices": sharding.num_devices(mesh),
@@ -304,7 +383,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
     lr = args.lr if args.lr is not None else (0.05 if args.optimizer == "sgd" else 1e-3)
     config = training.TrainConfig(epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=lr,
                                   weight_decay=args.weight_decay, flip=args.dataset != "gtsrb", seed=args.seed,
-                                  eval_every=args.eval_every)
+                                  eval_every=args.eval_every, dp_noise=args.dp_noise, dp_clip=args.dp_clip)
     run_config = {"dataset": args.dataset, "attack": args.attack, "target": attack.target,
                   "poison_ratio": args.poison_ratio, "model": args.model, "train_limit": args.train_limit,
                   "n_train": int(len(y)), "trigger_seed": streams.seed_of("trigger")}
@@ -336,5 +415,33 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- bench / report
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """A benchmark config's grid of defense runs into a resumable results directory (``bench``)."""
+    from ..bench import config as bench_config, runner
+
+    cfg = bench_config.load(args.config, profile=args.profile, only_models=args.models,
+                            only_defenses=args.defenses)
+    if args.zoo:
+        cfg = dataclasses.replace(cfg, zoo=args.zoo)
+    try:
+        return runner.run(cfg, args.results, commands=sys.modules[__name__], train=not args.no_train,
+                          quiet=args.quiet)
+    except KeyboardInterrupt:
+        print(f"interrupted: {args.results} holds every finished cell; rerun the same command to continue",
+              file=sys.stderr)
+        return 130
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Tables and plots of a results directory, from its records alone (``bench.report``)."""
+    from ..bench import report
+
+    written = report.write(args.results_dir, out=args.out, references=args.reference)
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
 COMMANDS = {"defend": cmd_defend, "unlearn": cmd_defend, "evaluate": cmd_evaluate, "sweep": cmd_sweep,
-            "attack": cmd_attack, "demo": cmd_demo}
+            "attack": cmd_attack, "demo": cmd_demo, "bench": cmd_bench, "report": cmd_report}

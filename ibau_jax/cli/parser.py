@@ -113,8 +113,15 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="clean accuracy, ASR and robust accuracy of a model")
     _model_flags(e)
 
-    w = sub.add_parser("sweep", help="I-BAU over seeds x hyperparameters, vmapped in chunks; mean ± std table")
+    w = sub.add_parser("sweep", help="a defense over seeds x hyperparameters (I-BAU: vmapped in chunks); "
+                                     "mean ± std table")
     _model_flags(w)
+    w.add_argument("--defense", default="ibau", metavar="NAME",
+                   help="the defense to sweep (default ibau, whose grid is given by --K/--outer-lr/...)")
+    w.add_argument("--grid", action="append", default=[], metavar="FIELD=V1,V2,...",
+                   help="defenses other than ibau: values of a config field (repeatable; one run per combination)")
+    w.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="defenses other than ibau: a config field every run shares (repeatable)")
     w.add_argument("--preset", default="faithful", choices=("faithful", "defense_py"))
     w.add_argument("--solver", default="neumann", choices=_solvers())
     w.add_argument("--batch-size", type=int, default=100)
@@ -152,6 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--out", required=True, help="run directory")
     a.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
     a.add_argument("--quiet", action="store_true", help="no progress bar")
+    a.add_argument("--dp-noise", type=float, default=None, metavar="SIGMA",
+                   help="DP-SGD training (a backdoor defense): Gaussian noise multiplier σ > 0; needs --dp-clip")
+    a.add_argument("--dp-clip", type=float, default=None, metavar="C",
+                   help="DP-SGD: clip every example's gradient to L2 norm C > 0; needs --dp-noise")
 
     dm = sub.add_parser("demo", help="self-contained demo: poison, train, unlearn, report (no download)")
     dm.add_argument("--dataset", default="digits", choices=("digits", "cifar10"),
@@ -175,4 +186,26 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--seed", type=int, default=0)
     dm.add_argument("--out", default="runs/demo")
     dm.add_argument("--quiet", action="store_true")
+
+    b = sub.add_parser("bench", help="run a benchmark config: models x defenses x clean-set sizes x seeds, "
+                                     "one JSON record per finished cell (resumable)")
+    b.add_argument("config", help="TOML config (ready-made ones: experiments/configs/)")
+    b.add_argument("--results", required=True, help="results directory; a rerun skips its finished cells")
+    b.add_argument("--profile", default="full", choices=("full", "cpu"),
+                   help="cpu = the config's [profile.cpu] reductions (fewer rounds/seeds)")
+    b.add_argument("--zoo", default=None, help="zoo directory of poisoned models (default: the config's zoo)")
+    b.add_argument("--models", nargs="+", default=None, metavar="NAME", help="run only these models of the config")
+    b.add_argument("--defenses", nargs="+", default=None, metavar="LABEL",
+                   help="run only these defenses of the config")
+    b.add_argument("--no-train", action="store_true",
+                   help="do not train missing zoo models; their cells are listed as missing")
+    b.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    r = sub.add_parser("report", help="tables (markdown, JSON) and plots (PNG) of a bench results directory, "
+                                      "from its records alone")
+    r.add_argument("results_dir")
+    r.add_argument("--reference", action="append", default=[], metavar="CSV",
+                   help="reference numbers to place beside ours (columns model,defense,clean_acc,asr[,ra][,source]; "
+                        "repeatable)")
+    r.add_argument("--out", default=None, help="output folder (default: RESULTS_DIR/report)")
     return parser

@@ -19,6 +19,13 @@ from .base import CleanSet, Defense, DefenseResult, DivergenceError, build_confi
 REGISTRY: dict[str, str] = {
     "ibau": "ibau_jax.defenses.ibau:IBAU",
     "ft": "ibau_jax.defenses.ft:FineTuning",
+    "nc": "ibau_jax.defenses.nc:NeuralCleanse",
+    "tabor": "ibau_jax.defenses.tabor:Tabor",
+    "deepinspect": "ibau_jax.defenses.deepinspect:DeepInspect",
+    "fp": "ibau_jax.defenses.fp:FinePruning",
+    "nad": "ibau_jax.defenses.nad:NAD",
+    "anp": "ibau_jax.defenses.anp:ANP",
+    "sau": "ibau_jax.defenses.sau:SAU",
 }
 
 

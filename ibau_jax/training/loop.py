@@ -97,10 +97,11 @@ def train(model: nn.Module, x: np.ndarray, y: np.ndarray, config: TrainConfig, *
                desc="training", dynamic_ncols=True, disable=quiet)
     on_step = None if quiet else (lambda loss: bar.update(config.batch_size))
     if mesh is None:
-        run_epoch = lambda s, k: train_epoch(s, xs, ys, k, config.batch_size, config.crop_pad, config.flip, on_step)
+        run_epoch = lambda s, k: train_epoch(s, xs, ys, k, config.batch_size, config.crop_pad, config.flip, on_step,
+                                             dp=config.dp)
     else:
         # Under a mesh the debug callback may run once per device: the bar counts epochs instead.
-        sharded = make_sharded_train_epoch(mesh, config.batch_size, config.crop_pad, config.flip)
+        sharded = make_sharded_train_epoch(mesh, config.batch_size, config.crop_pad, config.flip, dp=config.dp)
         run_epoch = lambda s, k: sharded(s, xs, ys, k)
     try:
         for epoch in range(start + 1, config.epochs + 1):

@@ -33,6 +33,7 @@ from jax.sharding import Mesh
 from .. import rng as rng_lib
 from .. import sharding
 from ..errors import ConfigError
+from .dp import DPConfig, check_dp, dp_train_gradients
 
 PyTree = Any
 OPTIMIZERS = ("sgd", "adam")
@@ -52,6 +53,8 @@ class TrainConfig:
     flip: bool = True                 # random horizontal flip (False for GTSRB)
     seed: int = 0                     # rng.streams(seed): "init" for the weights, "epochs" for the epochs
     eval_every: int = 1               # epochs between evaluations (the last epoch is always evaluated)
+    dp_noise: float | None = None     # DP-SGD noise multiplier σ >= 0 (``dp.py``); None = ordinary SGD
+    dp_clip: float | None = None      # DP-SGD per-example L2 clipping norm C > 0; set with dp_noise
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
@@ -60,6 +63,12 @@ class TrainConfig:
             raise ConfigError(f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
         if self.eval_every < 1:
             raise ConfigError(f"eval_every must be >= 1, got {self.eval_every}")
+        check_dp(self.dp_noise, self.dp_clip)  # both or neither, finite, clip > 0, noise >= 0
+
+    @property
+    def dp(self) -> DPConfig | None:
+        """The DP-SGD settings, or None for ordinary training (bitwise the step without DP)."""
+        return check_dp(self.dp_noise, self.dp_clip)
 
 
 class TrainState(train_state.TrainState):
@@ -116,19 +125,32 @@ def augment(x: jax.Array, key: jax.Array, crop_pad: int = 4, flip: bool = True) 
 
 @partial(jax.jit, static_argnames=("crop_pad", "flip"))
 def train_step(state: TrainState, batch: tuple[jax.Array, jax.Array], rng: jax.Array,
-               crop_pad: int = 4, flip: bool = True,
-               w: jax.Array | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+               crop_pad: int = 4, flip: bool = True, w: jax.Array | None = None,
+               dp: DPConfig | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
     """One step in train mode (batch statistics, dropout); batch = (x (n,H,W,C) in [0,1], y (n,)).
 
     ``w`` (n,) per-example weights, 1 for real examples and 0 for padding: the loss is
     ``sum(w * ce) / sum(w)`` and BatchNorm's batch statistics use only w == 1 (``example_mask``).
     ``w=None`` is the plain mean over all n (bitwise the unweighted step).
+    ``dp``: DP-SGD (``dp.dp_train_gradients``: per-example gradients with the batch's BatchNorm
+    statistics held fixed, clipped to norm ``dp.clip``, noise σ·C from the third key of
+    ``split(rng, 3)``; the first two, augmentation and dropout, are those of the ordinary step).
+    The reported loss is then the mean of the per-example losses.
     Returns the new state (params, opt state and BatchNorm running stats updated) and
     ``{'loss', 'acc'}`` of the batch (before the update; padding excluded).
     """
     x, y = batch
-    aug_key, drop_key = jax.random.split(rng)
+    if dp is None:
+        aug_key, drop_key = jax.random.split(rng)
+    else:  # split is prefix-stable: the same augmentation and dropout keys plus a noise key
+        aug_key, drop_key, noise_key = jax.random.split(rng, 3)
     x = augment(x.astype(jnp.float32), aug_key, crop_pad, flip)
+    if dp is not None:
+        grads, losses, logits, batch_stats = dp_train_gradients(state.apply_fn, state.params, state.batch_stats,
+                                                                x, y, drop_key, noise_key, dp, w)
+        state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+        hits = (jnp.argmax(logits, -1) == y).astype(jnp.float32)
+        return state, {"loss": sharding.weighted_mean(losses, w), "acc": sharding.weighted_mean(hits, w)}
     # Only pass the mask when there is padding: unpadded calls stay the unmasked model call.
     masked = {} if w is None else {"example_mask": w}
 
@@ -146,11 +168,12 @@ def train_step(state: TrainState, batch: tuple[jax.Array, jax.Array], rng: jax.A
 
 def _epoch(state: TrainState, xs: jax.Array, ys: jax.Array, rng: jax.Array, batch_size: int,
            crop_pad: int, flip: bool, on_step: Callable[[jax.Array], None] | None,
-           padded_batch: int, mesh: Mesh | None) -> tuple[TrainState, dict[str, jax.Array]]:
+           padded_batch: int, mesh: Mesh | None,
+           dp: DPConfig | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
     """The epoch both ``train_epoch`` and the mesh epoch compile (see ``train_epoch``).
 
     ``padded_batch`` > batch_size pads every batch's index row with index 0 at weight 0;
-    with ``mesh`` the batches are split over its devices along the example axis.
+    with ``mesh`` the batches are split over its devices along the example axis; ``dp``: DP-SGD steps.
     """
     nb = xs.shape[0] // batch_size
     perm_key, step_key = jax.random.split(rng)
@@ -171,7 +194,7 @@ def _epoch(state: TrainState, xs: jax.Array, ys: jax.Array, rng: jax.Array, batc
         xb, yb = xs[i], ys[i]
         if mesh is not None:
             xb = jax.lax.with_sharding_constraint(xb, sharding.split_along(mesh, 0))
-        state, m = train_step(state, (xb, yb), k, crop_pad=crop_pad, flip=flip, w=wi)
+        state, m = train_step(state, (xb, yb), k, crop_pad=crop_pad, flip=flip, w=wi, dp=dp)
         if on_step is not None:
             jax.debug.callback(on_step, m["loss"])
         return state, m
@@ -182,30 +205,32 @@ def _epoch(state: TrainState, xs: jax.Array, ys: jax.Array, rng: jax.Array, batc
 
 @partial(jax.jit, static_argnames=("batch_size", "crop_pad", "flip", "on_step"))
 def train_epoch(state: TrainState, xs: jax.Array, ys: jax.Array, rng: jax.Array, batch_size: int,
-                crop_pad: int = 4, flip: bool = True,
-                on_step: Callable[[jax.Array], None] | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+                crop_pad: int = 4, flip: bool = True, on_step: Callable[[jax.Array], None] | None = None,
+                dp: DPConfig | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
     """One epoch: shuffle xs (N, H, W, C), ys (N,), then ``lax.scan`` ``train_step`` over the batches.
 
     The last N mod batch_size shuffled images are skipped (BatchNorm wants full batches).
     ``on_step(loss)`` is called from the compiled loop after each step (progress bars).
-    Returns the state and the epoch's mean ``{'loss', 'acc'}``.
+    ``dp``: DP-SGD steps (``train_step``). Returns the state and the epoch's mean ``{'loss', 'acc'}``.
     """
-    return _epoch(state, xs, ys, rng, batch_size, crop_pad, flip, on_step, batch_size, None)
+    return _epoch(state, xs, ys, rng, batch_size, crop_pad, flip, on_step, batch_size, None, dp)
 
 
 def make_epoch_fn(batch_size: int, crop_pad: int = 4, flip: bool = True,
                   on_step: Callable[[jax.Array], None] | None = None,
-                  mesh: Mesh | None = None) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+                  mesh: Mesh | None = None,
+                  dp: DPConfig | None = None) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
     """``epoch(state, xs, ys, rng) -> (state, metrics)``, traceable, for use inside another jitted
     function (a defense's round step): ``train_epoch``'s math, and with ``mesh`` the padded,
     split batches of ``make_sharded_train_epoch`` (xs, ys and the state replicated on the mesh)."""
     padded = batch_size if mesh is None else sharding.padded_size(batch_size, mesh)
     return partial(_epoch, batch_size=batch_size, crop_pad=crop_pad, flip=flip, on_step=on_step,
-                   padded_batch=padded, mesh=mesh)
+                   padded_batch=padded, mesh=mesh, dp=dp)
 
 
 def make_sharded_train_epoch(mesh: Mesh, batch_size: int, crop_pad: int = 4, flip: bool = True,
-                             on_step: Callable[[jax.Array], None] | None = None) -> Callable[..., Any]:
+                             on_step: Callable[[jax.Array], None] | None = None,
+                             dp: DPConfig | None = None) -> Callable[..., Any]:
     """``epoch(state, xs, ys, rng) -> (state, metrics)``: ``train_epoch`` as one SPMD program on ``mesh``.
 
     The state and the data xs (N, H, W, C), ys (N,) are replicated; every batch of
@@ -216,7 +241,7 @@ def make_sharded_train_epoch(mesh: Mesh, batch_size: int, crop_pad: int = 4, fli
     repl = sharding.replicated(mesh)
     padded = sharding.padded_size(batch_size, mesh)
     fn = jax.jit(partial(_epoch, batch_size=batch_size, crop_pad=crop_pad, flip=flip, on_step=on_step,
-                         padded_batch=padded, mesh=mesh),
+                         padded_batch=padded, mesh=mesh, dp=dp),
                  in_shardings=(repl, repl, repl, repl), out_shardings=(repl, repl))
 
     def run(state: TrainState, xs: Any, ys: Any, rng: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -225,7 +250,8 @@ def make_sharded_train_epoch(mesh: Mesh, batch_size: int, crop_pad: int = 4, fli
     return run
 
 
-def make_sharded_train_step(mesh: Mesh, crop_pad: int = 4, flip: bool = True) -> Callable[..., Any]:
+def make_sharded_train_step(mesh: Mesh, crop_pad: int = 4, flip: bool = True,
+                            dp: DPConfig | None = None) -> Callable[..., Any]:
     """``step(state, (x, y), rng) -> (state, metrics)``: ``train_step`` as one SPMD program, any n.
 
     The state (params, BatchNorm statistics, optimizer state) is replicated and the batch
@@ -235,9 +261,9 @@ def make_sharded_train_step(mesh: Mesh, crop_pad: int = 4, flip: bool = True) ->
     Outputs are replicated (``sharding.to_host`` reads them).
     """
     repl, data = sharding.replicated(mesh), sharding.split_along(mesh, 0)
-    plain = jax.jit(partial(train_step, crop_pad=crop_pad, flip=flip),
+    plain = jax.jit(partial(train_step, crop_pad=crop_pad, flip=flip, dp=dp),
                     in_shardings=(repl, (data, data), repl), out_shardings=(repl, repl))
-    padded = jax.jit(lambda state, batch, rng, w: train_step(state, batch, rng, crop_pad=crop_pad, flip=flip, w=w),
+    padded = jax.jit(lambda state, batch, rng, w: train_step(state, batch, rng, crop_pad=crop_pad, flip=flip, w=w, dp=dp),
                      in_shardings=(repl, (data, data), repl, data), out_shardings=(repl, repl))
 
     def run(state: TrainState, batch: tuple[Any, Any], rng: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
