@@ -26,7 +26,7 @@ from .. import results
 from ..errors import UserError
 from . import records
 
-METRICS = ("clean_acc", "asr_all", "robust_acc")
+METRICS = ("clean_acc", "asr_all", "asr_nontarget", "robust_acc")
 
 
 class ReferenceError(UserError):
@@ -158,6 +158,26 @@ def markdown(s: dict[str, Any], refs: list[dict[str, Any]] | None = None) -> str
                     for dl, src in cols]
             lines.append(f"| {m} | " + " | ".join(vals) + " |")
         lines.append("")
+    for n in s["n_clean"]:
+        for m in s["models"]:
+            row = s["tables"][str(n)].get(m, {})
+            if not any(dl in row for dl in s["defenses"]):
+                continue
+            lines += [f"### {m}, {n} clean images: every metric", "",
+                      "| defense | clean acc | ASR (all) | ASR (non-target) | RA | DER | seconds | compile s | seeds |",
+                      "|---|---|---|---|---|---|---|---|---|"]
+            f4 = lambda v: "–" if v is None else f"{v:.4f}"  # noqa: E731
+            if "none" in row:
+                b = row["none"]
+                lines.append(f"| no defense | {f4(b['clean_acc'])} | {f4(b['asr_all'])} | {f4(b['asr_nontarget'])} "
+                             f"| {f4(b['robust_acc'])} | – | – | – | – |")
+            for dl in s["defenses"]:
+                v = row.get(dl)
+                if v:
+                    lines.append(f"| {dl} | {f4(v['clean_acc'])} | {f4(v['asr_all'])} | {f4(v['asr_nontarget'])} "
+                                 f"| {f4(v['robust_acc'])} | {f4(v['der'])} | {v['seconds']:.1f} "
+                                 f"| {v['compile_seconds'] or 0:.1f} | {v['seeds']} |")
+            lines.append("")
     if s["runtime"]:
         lines += [f"## Runtime ({s['n_clean'][-1]} clean images, profile `{s['profile']}`)", "",
                   "| defense | seconds (mean) | compile seconds | cells |", "|---|---|---|---|"]
