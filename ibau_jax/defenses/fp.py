@@ -40,10 +40,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from .. import models, sharding, training
+from .. import models, sharding
 from ..errors import ConfigError, check_finite
 from ..models import ModelError
-from .base import CleanSet, DefenseResult, run_rounds
+from .base import CleanSet, DefenseResult
+from .ft import FTConfig, fine_tune
 
 SELECTIONS = ("holdout", "oracle")
 MIN_HOLDOUT = 10       # an accuracy on fewer images moves in steps > 10 %, coarser than the threshold
@@ -326,27 +327,11 @@ class FinePruning:
         history, ft_seconds, ft_compile, steps = [], 0.0, 0.0, n_train // cfg.batch_size
         result_variables = pruned
         if cfg.epochs:
-            tcfg = training.TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                                        momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                                        crop_pad=cfg.crop_pad, flip=cfg.flip)
-            tx = optax.chain(training.make_optimizer(tcfg, steps), freeze_pruned(site, keep))
-            state = training.TrainState.create(apply_fn=model.apply, params=pruned["params"],
-                                               batch_stats=pruned["batch_stats"], tx=tx)
-            epoch = training.make_epoch_fn(cfg.batch_size, cfg.crop_pad, cfg.flip, self.on_step, mesh)
-            if mesh is not None:
-                state, train_x, train_y = sharding.replicate(mesh, (state, train_x, train_y))
-            keys = [jax.random.fold_in(k_ft, e) for e in range(1, cfg.epochs + 1)]
-
-            @jax.jit
-            def step(state, k, xs, ys):
-                return epoch(state, xs, ys, k)
-
-            variables_of = lambda s: sharding.to_host({"params": s.params, "batch_stats": s.batch_stats})
-            record_of = lambda r, m: {"loss": float(sharding.to_host(m["loss"])),
-                                      "train_acc": float(sharding.to_host(m["acc"]))}
-            loop = run_rounds(step, state, keys, consts=(train_x, train_y), variables_of=variables_of,
-                              record_of=record_of, callback=callback, divergence_hint="lower lr (--set lr=...)")
-            result_variables = variables_of(loop.state)
+            ft_cfg = FTConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, momentum=cfg.momentum,
+                              weight_decay=cfg.weight_decay, crop_pad=cfg.crop_pad, flip=cfg.flip)
+            loop = fine_tune(model, pruned, train_x, train_y, k_ft, ft_cfg, on_step=self.on_step, mesh=mesh,
+                             callback=callback, extra_tx=freeze_pruned(site, keep))
+            result_variables = loop.state
             history, ft_seconds, ft_compile = loop.history, loop.seconds, loop.compile_seconds
 
         diagnostics = {

@@ -13,10 +13,11 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
+import optax
 
 from .. import sharding, training
 from ..errors import ConfigError, check_finite
-from .base import CleanSet, DefenseResult, run_rounds
+from .base import CleanSet, DefenseResult, LoopResult, run_rounds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,25 +76,44 @@ class FineTuning:
         if steps < 1:
             raise ConfigError(f"the clean set has {len(clean_set)} images, fewer than one batch of "
                               f"{cfg.batch_size}; lower batch_size (--set batch_size=...)")
-        tcfg = training.TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
-                                    weight_decay=cfg.weight_decay, crop_pad=cfg.crop_pad, flip=cfg.flip)
-        state = training.TrainState.create(apply_fn=model.apply, params=variables["params"],
-                                           batch_stats=variables["batch_stats"],
-                                           tx=training.make_optimizer(tcfg, steps))
-        epoch = training.make_epoch_fn(cfg.batch_size, cfg.crop_pad, cfg.flip, self.on_step, mesh)
-        xs, ys = np.asarray(clean_set.x, np.float32), np.asarray(clean_set.y, np.int32)
-        if mesh is not None:
-            state, xs, ys = sharding.replicate(mesh, (state, xs, ys))
-        keys = [jax.random.fold_in(key, e) for e in range(1, cfg.epochs + 1)]
-
-        @jax.jit
-        def step(state, k, xs, ys):
-            return epoch(state, xs, ys, k)
-
-        variables_of = lambda s: sharding.to_host({"params": s.params, "batch_stats": s.batch_stats})
-        record_of = lambda r, m: {"loss": float(sharding.to_host(m["loss"])),
-                                  "train_acc": float(sharding.to_host(m["acc"]))}
-        loop = run_rounds(step, state, keys, consts=(xs, ys), variables_of=variables_of, record_of=record_of,
-                          callback=callback, divergence_hint="lower lr (--set lr=...)")
-        return DefenseResult(variables_of(loop.state), loop.history, {"steps_per_epoch": steps,
+        loop = fine_tune(model, variables, clean_set.x, clean_set.y, key, cfg, on_step=self.on_step, mesh=mesh,
+                         callback=callback)
+        return DefenseResult(loop.state, loop.history, {"steps_per_epoch": steps,
                              "devices": sharding.num_devices(mesh)}, loop.seconds, loop.compile_seconds)
+
+
+def fine_tune(model, variables, x: np.ndarray, y: np.ndarray, key: jax.Array, cfg: FTConfig, *,
+              on_step: Callable[[Any], None] | None = None, mesh: Any = None, callback=None,
+              extra_tx: optax.GradientTransformation | None = None) -> LoopResult:
+    """``cfg.epochs`` training epochs on (x, y) through ``run_rounds``; epoch e uses ``fold_in(key, e)``.
+
+    x (N, H, W, C) float images, y (N,) labels, N >= ``cfg.batch_size``. ``extra_tx`` is chained
+    after the optimizer (e.g. Fine-Pruning's freezing of pruned channels). Returns the loop's
+    result with ``state`` = the final variables ``{'params', 'batch_stats'}`` (host numpy).
+    """
+    steps = len(y) // cfg.batch_size
+    tcfg = training.TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay, crop_pad=cfg.crop_pad, flip=cfg.flip)
+    tx = training.make_optimizer(tcfg, steps)
+    if extra_tx is not None:
+        tx = optax.chain(tx, extra_tx)
+    state = training.TrainState.create(apply_fn=model.apply, params=variables["params"],
+                                       batch_stats=variables["batch_stats"], tx=tx)
+    epoch = training.make_epoch_fn(cfg.batch_size, cfg.crop_pad, cfg.flip, on_step, mesh)
+    xs, ys = np.asarray(x, np.float32), np.asarray(y, np.int32)
+    if mesh is not None:
+        state, xs, ys = sharding.replicate(mesh, (state, xs, ys))
+    keys = [jax.random.fold_in(key, e) for e in range(1, cfg.epochs + 1)]
+
+    @jax.jit
+    def step(state, k, xs, ys):
+        return epoch(state, xs, ys, k)
+
+    variables_of = lambda s: sharding.to_host({"params": s.params, "batch_stats": s.batch_stats})
+    record_of = lambda r, m: {"loss": float(sharding.to_host(m["loss"])),
+                              "train_acc": float(sharding.to_host(m["acc"]))}
+    loop = run_rounds(step, state, keys, consts=(xs, ys), variables_of=variables_of, record_of=record_of,
+                      callback=callback, divergence_hint="lower lr (--set lr=...)")
+    loop.state = variables_of(loop.state)
+    return loop
+
