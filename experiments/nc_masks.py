@@ -1,8 +1,8 @@
 """Neural Cleanse and TABOR detection on the authors' CIFAR-10 BadNets checkpoint: every class's
 reversed mask and pattern, pictured, with the norms, anomaly indices and flags.
 
-    python experiments/nc_masks.py [--shared ../shared] [--n-clean 1000] [--epochs 12]
-                                   [--samples-per-epoch 256] [--defenses nc tabor]
+    python experiments/nc_masks.py [--shared ../shared] [--n-clean 5000] [--epochs 10]
+                                   [--samples-per-epoch 1000] [--defenses nc tabor]
 
 Loads badnets_8_02_ckpt.pth as ``ibau-jax defend`` does (``experiment.load``; the clean set is
 test images 0..n_clean-1), runs each defense's detection only (``mitigate=False``) and writes
@@ -61,9 +61,9 @@ def draw(path: Path, masks: np.ndarray, patterns: np.ndarray, norms, flagged, ti
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shared", default=os.environ.get("IBAU_SHARED", str(REPO.parent / "shared")))
-    ap.add_argument("--n-clean", type=int, default=1000)
-    ap.add_argument("--epochs", type=int, default=12)
-    ap.add_argument("--samples-per-epoch", type=int, default=256)
+    ap.add_argument("--n-clean", type=int, default=5000)
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--samples-per-epoch", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--defenses", nargs="+", default=["nc", "tabor"])
     ap.add_argument("--out-json", default=str(REPO / "experiments" / "results" / "nc_masks.json"))
@@ -94,6 +94,8 @@ def main() -> None:
                      "final_cost": res.diagnostics["final_cost"],
                      "search_epochs": res.diagnostics["search_epochs"],
                      "near_trigger_fraction": near,
+                     # the real trigger is white (1, 1, 1) on rows/columns 27..30
+                     "pattern_on_trigger_8": [round(float(v), 3) for v in patterns[8][27:31, 27:31].mean((0, 1))],
                      "seconds": round(res.seconds, 1), "compile_seconds": round(res.compile_seconds, 1),
                      "wall_seconds": round(wall, 1)}
         print(name, json.dumps(out[name]), flush=True)

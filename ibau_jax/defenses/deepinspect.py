@@ -45,14 +45,14 @@ from .. import sharding
 from ..errors import ConfigError, check_finite
 from . import anomaly, patching
 from .base import CleanSet, DefenseResult, run_rounds
-from .ft import FineTuning, FTConfig
+from .ft import FineTuning
 from .trigger_generator import TriggerGenerator
 
 PyTree = Any
 
 
 @dataclasses.dataclass(frozen=True)
-class DeepInspectConfig:
+class DeepInspectConfig(patching.PatchingConfig):
     """DeepInspect settings.
 
     Sources: ``epochs`` 20 passes over the clean data, Adam ``lr`` 0.01, ``noise_dim`` 100,
@@ -63,9 +63,9 @@ class DeepInspectConfig:
     reachable after clipping) = ibau-jax's choices for the smaller generator. ``threshold`` 2 =
     Neural Cleanse's anomaly-index cut (the paper's hypothesis test, see the module docstring);
     ``detect_noise`` 32 draws of z per class for the trigger sizes, ``detect_images`` 1000 clean
-    images for the per-class attack success. ``patch_fraction`` 0.2 = Neural Cleanse's share of
-    patched images (the DeepInspect paper does not state one); ``ft_*``, ``crop_pad``, ``flip``:
-    the ``ft`` defense's defaults (``FTConfig``).
+    images for the per-class attack success. The mitigation's fields are
+    :class:`patching.PatchingConfig`'s (Neural Cleanse's share of patched images: the
+    DeepInspect paper does not state one).
     """
 
     epochs: int = 20
@@ -78,34 +78,19 @@ class DeepInspectConfig:
     threshold: float = 2.0
     detect_noise: int = 32
     detect_images: int = 1000
-    mitigate: bool = True
-    patch_fraction: float = 0.2
-    ft_epochs: int = 10
-    ft_lr: float = 0.01
-    ft_batch_size: int = 128
-    crop_pad: int = 4
-    flip: bool = True
 
     def __post_init__(self):
-        for name in ("epochs", "batch_size", "noise_dim", "width", "detect_noise", "detect_images", "ft_epochs",
-                     "ft_batch_size"):
+        super().__post_init__()
+        for name in ("epochs", "batch_size", "noise_dim", "width", "detect_noise", "detect_images"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {v!r} (--set {name}=...)")
-        for name in ("lr", "bound", "ft_lr"):
+        for name in ("lr", "bound"):
             if check_finite(name, getattr(self, name)) <= 0:
                 raise ConfigError(f"{name} must be a finite number > 0, got {getattr(self, name)!r} (--set {name}=...)")
         for name in ("gamma", "threshold"):
             if check_finite(name, getattr(self, name)) < 0:
                 raise ConfigError(f"{name} must be a finite number >= 0, got {getattr(self, name)!r} (--set {name}=...)")
-        if not 0.0 <= check_finite("patch_fraction", self.patch_fraction) <= 1.0:
-            raise ConfigError(f"patch_fraction must be in [0, 1], got {self.patch_fraction!r} (--set patch_fraction=...)")
-        if isinstance(self.crop_pad, bool) or not isinstance(self.crop_pad, (int, np.integer)) or self.crop_pad < 0:
-            raise ConfigError(f"crop_pad must be an integer >= 0, got {self.crop_pad!r} (--set crop_pad=...)")
-
-    def ft_config(self) -> FTConfig:
-        return FTConfig(epochs=self.ft_epochs, lr=self.ft_lr, batch_size=self.ft_batch_size, crop_pad=self.crop_pad,
-                        flip=self.flip)
 
 
 def generator_loss(gen: TriggerGenerator, gparams: PyTree, logits_fn: Callable[[jax.Array], jax.Array],

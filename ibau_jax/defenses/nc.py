@@ -19,43 +19,26 @@ import numpy as np
 from ..errors import ConfigError, check_finite
 from . import anomaly, patching, trigger_inversion
 from .base import CleanSet, DefenseResult
-from .ft import FineTuning, FTConfig
+from .ft import FineTuning
+from .patching import PatchingConfig
 from .trigger_inversion import Regularizer, SearchConfig
 
 
 @dataclasses.dataclass(frozen=True)
-class NCConfig(SearchConfig):
+class NCConfig(SearchConfig, PatchingConfig):
     """Neural Cleanse's settings: the trigger search's (:class:`trigger_inversion.SearchConfig`,
-    whose docstring cites each default) plus detection and mitigation.
-
-    anomaly_threshold 2.0: NC's outlier cut on the MAD anomaly index (paper §IV, reference
-    ``mad_outlier_detection.py``). mitigate: fine-tune when a class is flagged. patch_fraction
-    0.2: NC §VI-C ("20% of the data carries the reversed trigger, labels kept"). ft_epochs,
-    ft_lr, ft_batch_size, crop_pad, flip: the ``ft`` defense's recipe (``FTConfig``; NC
-    fine-tunes for one epoch on 10 % of the training set, ibau-jax's 5,000-image clean set is
-    smaller, so it uses ``ft``'s 10 epochs).
+    whose docstring cites each default), the mitigation's (:class:`patching.PatchingConfig`)
+    and the detection's: anomaly_threshold 2.0, NC's outlier cut on the MAD anomaly index
+    (paper §IV, reference ``mad_outlier_detection.py``).
     """
 
     anomaly_threshold: float = 2.0
-    mitigate: bool = True
-    patch_fraction: float = 0.2
-    ft_epochs: int = 10
-    ft_lr: float = 0.01
-    ft_batch_size: int = 128
-    crop_pad: int = 4
-    flip: bool = True
 
     def __post_init__(self):
-        super().__post_init__()
+        SearchConfig.__post_init__(self)
+        PatchingConfig.__post_init__(self)
         if check_finite("anomaly_threshold", self.anomaly_threshold) <= 0:
             raise ConfigError(f"anomaly_threshold must be a finite number > 0, got {self.anomaly_threshold!r}")
-        if not 0 <= check_finite("patch_fraction", self.patch_fraction) <= 1:
-            raise ConfigError(f"patch_fraction must be in [0, 1], got {self.patch_fraction!r} (--set patch_fraction=0.2)")
-        self.ft_config()  # the fine-tuning fields are FTConfig's: checked by it
-
-    def ft_config(self) -> FTConfig:
-        return FTConfig(epochs=self.ft_epochs, lr=self.ft_lr, batch_size=self.ft_batch_size,
-                        crop_pad=self.crop_pad, flip=self.flip)
 
 
 class NeuralCleanse:

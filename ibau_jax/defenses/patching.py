@@ -9,14 +9,54 @@ then run the ``ft`` defense (``defenses.ft.FineTuning``) on it.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Sequence
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..errors import ConfigError, check_finite
 from .base import CleanSet
+from .ft import FTConfig
 
 Stamp = Callable[[np.ndarray, int], np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class PatchingConfig:
+    """The mitigation settings shared by the defenses that patch (``nc``, ``tabor``, ``deepinspect``).
+
+    mitigate: fine-tune when a class is flagged (off: detection only). patch_fraction 0.2: NC
+    §VI-C ("20% of the data carries the reversed trigger, labels kept"). ft_epochs 10, ft_lr
+    0.01, ft_batch_size 128, crop_pad 4, flip: the ``ft`` defense's recipe (:class:`FTConfig`,
+    whose docstring cites them; NC fine-tunes one epoch on 10 % of the training set, ibau-jax's
+    5,000-image clean set is smaller, so it takes ``ft``'s 10 epochs).
+    """
+
+    mitigate: bool = True
+    patch_fraction: float = 0.2
+    ft_epochs: int = 10
+    ft_lr: float = 0.01
+    ft_batch_size: int = 128
+    crop_pad: int = 4
+    flip: bool = True
+
+    def __post_init__(self):
+        for name in ("ft_epochs", "ft_batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ConfigError(f"{name} must be an integer >= 1, got {v!r} (--set {name}=...)")
+        if check_finite("ft_lr", self.ft_lr) <= 0:
+            raise ConfigError(f"ft_lr must be a finite number > 0, got {self.ft_lr!r} (--set ft_lr=...)")
+        if not 0 <= check_finite("patch_fraction", self.patch_fraction) <= 1:
+            raise ConfigError(f"patch_fraction must be in [0, 1], got {self.patch_fraction!r} "
+                              f"(--set patch_fraction=0.2)")
+        if isinstance(self.crop_pad, bool) or not isinstance(self.crop_pad, (int, np.integer)) or self.crop_pad < 0:
+            raise ConfigError(f"crop_pad must be an integer >= 0, got {self.crop_pad!r} (--set crop_pad=...)")
+
+    def ft_config(self) -> FTConfig:
+        """The fine-tuning that follows the patching, as the ``ft`` defense's config."""
+        return FTConfig(epochs=self.ft_epochs, lr=self.ft_lr, batch_size=self.ft_batch_size,
+                        crop_pad=self.crop_pad, flip=self.flip)
 
 
 def patched_clean_set(clean_set: CleanSet, stamp: Stamp, classes: Sequence[int], fraction: float,
