@@ -44,6 +44,9 @@ class Experiment:
     acc_y: np.ndarray
     asr_x: np.ndarray        # (n_clean, H, W, C): triggered copies of the clean set
     asr_t: np.ndarray        # (n_clean,): their attack labels (the target for all-to-one attacks)
+    # true labels of the triggered images: clean_y, or clean_y once per trigger of a multi-trigger
+    # attack (whose ASR set is k·n_clean images); None means clean_y
+    asr_y: np.ndarray | None = None
 
     def batches(self, batch_size: int, limit: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """The clean set as ``(B, batch_size, H, W, C)`` and ``(B, batch_size)`` batches in the
@@ -58,8 +61,9 @@ class Experiment:
         over ``mesh`` (``sharding.mesh_for``; any device count) when given."""
         from . import metrics
 
+        asr_y = self.clean_y if self.asr_y is None else self.asr_y
         return metrics.evaluate(self.model.apply, variables, self.acc_x, self.acc_y, self.asr_x, self.asr_t,
-                                self.clean_y, mesh=mesh)
+                                asr_y, mesh=mesh)
 
 
 def load_test_set(dataset: str, data_dir: str | os.PathLike | None, download: bool = True,
@@ -104,4 +108,5 @@ def load(checkpoint: str | os.PathLike, *, dataset: str = "cifar10",
                              trigger_dir=trigger_dir, seed=attack_seed)
     asr_x, asr_t, _ = attacks.asr_test_set(clean_x, clean.y, the_attack)
     return Experiment(models.get_model(model, test.num_classes), variables, test.num_classes, target,
-                      clean_x, np.asarray(clean.y), data.to_float(acc_set.x), np.asarray(acc_set.y), asr_x, asr_t)
+                      clean_x, np.asarray(clean.y), data.to_float(acc_set.x), np.asarray(acc_set.y), asr_x, asr_t,
+                      attacks.asr_true_labels(clean.y, the_attack))

@@ -6,7 +6,7 @@ from PIL import Image
 from ibau_jax import attacks
 from conftest import TRIGGERS, make_test_attack, random_images, shared_path
 
-ALL = attacks.ATTACK_NAMES
+ALL = tuple(n for n in attacks.ATTACK_NAMES if n != "multi_trigger")  # one trigger each; multi below
 
 
 _rand, _make = random_images, make_test_attack
@@ -149,3 +149,55 @@ def test_bad_inputs():
         attacks.asr_test_set(x, y[:5], a)
     assert len(attacks.poison_dataset(_data(200)[0], np.zeros(200, int) + 3, _make("badnets_all2all"),
                                       1.0, 0).poisoned_idx) == 200  # all-to-all: everything eligible
+
+
+def test_multi_trigger_poisons_each_part_with_its_own_target():
+    a = _make("multi_trigger")                      # target 2: triggers -> 2, 3, 4
+    assert a.targets == (2, 3, 4) and [p.name for p in a.parts] == ["badnets", "checkerboard", "blend"]
+    x, y = _data(301)
+    ps = attacks.poison_dataset(x, y, a, 0.1, seed=5)   # 30 images: 10 per trigger
+    p = ps.poisoned_idx
+    assert len(p) == 30 == len(np.unique(p)) and len(ps.noise_idx) == 0
+    # the documented draw: the parts in order, one generator, earlier parts' images excluded
+    rng, taken = np.random.default_rng(5), np.zeros(301, bool)
+    for part in a.parts:
+        idx = np.sort(rng.choice(np.flatnonzero((y != part.target) & ~taken), 10, replace=False))
+        taken[idx] = True
+        np.testing.assert_array_equal(ps.y[idx], part.target)
+        np.testing.assert_allclose(ps.x[idx], np.asarray(part.apply(x[idx])), atol=1e-6)
+    np.testing.assert_array_equal(p, np.flatnonzero(taken))
+    rest = np.flatnonzero(~taken)
+    np.testing.assert_array_equal(ps.x[rest], x[rest])
+    np.testing.assert_array_equal(ps.y[rest], y[rest])
+    # 31 images: the first part takes the extra one
+    ps = attacks.poison_dataset(x, y, a, 31 / 301, seed=5)
+    assert [int((ps.y[ps.poisoned_idx] == t).sum()) for t in a.targets] == [11, 10, 10]
+
+
+def test_multi_trigger_asr_set_is_every_trigger_on_every_image():
+    x, y = _data(20)
+    a = _make("multi_trigger", target=8)            # targets wrap: 8, 9, 0
+    assert a.targets == (8, 9, 0)
+    xt, lab, keep = attacks.asr_test_set(x, y, a)
+    assert xt.shape == (60, 32, 32, 3) and lab.dtype == np.int32
+    np.testing.assert_array_equal(lab, np.repeat([8, 9, 0], 20))
+    true = attacks.asr_true_labels(y, a)
+    np.testing.assert_array_equal(true, np.tile(y, 3))
+    np.testing.assert_array_equal(keep, lab != true)
+    for i, part in enumerate(a.parts):
+        np.testing.assert_allclose(xt[20 * i:20 * (i + 1)], np.asarray(part.apply(x)), atol=1e-6)
+    np.testing.assert_array_equal(attacks.asr_true_labels(y, _make("badnets")), y)
+
+
+def test_multi_trigger_refusals():
+    a = _make("multi_trigger")
+    with pytest.raises(attacks.AttackError, match=r"3 triggers.*attack\.parts\[i\]"):
+        a.apply(_rand(2))
+    with pytest.raises(attacks.AttackError, match="target_labels"):
+        a.target_labels(np.zeros(2, int))
+    with pytest.raises(attacks.AttackError, match="fewer than the 3 triggers"):
+        attacks.poison_dataset(*_data(200), a, 0.01, seed=0)
+    with pytest.raises(attacks.AttackError, match="at least 3 classes"):
+        attacks.get("multi_trigger", num_classes=2, target=0)
+    with pytest.raises(attacks.AttackError, match="does not fit"):
+        attacks.get("multi_trigger", num_classes=10, size=16)

@@ -4,7 +4,8 @@ import pytest
 
 from ibau_jax import attacks, errors
 
-BUILTIN = ("badnets", "badnets_all2all", "blend", "trojan_sq", "trojan_wm", "l0_inv", "l2_inv", "sig", "wanet")
+BUILTIN = ("badnets", "badnets_all2all", "blend", "trojan_sq", "trojan_wm", "l0_inv", "l2_inv", "sig", "wanet",
+           "multi_trigger")
 
 
 def test_builtin_names_and_aliases():
@@ -77,7 +78,7 @@ def test_register_a_toy_attack_and_build_it(toy):
     assert len(ps.poisoned_idx) == 3 and np.all(ps.y[ps.poisoned_idx] == 3)
     with pytest.raises(attacks.AttackError, match="no option.*size; its options: value"):
         attacks.get("corner", num_classes=5, size=2)
-    with pytest.raises(attacks.AttackError, match="choose one of .*wanet, corner"):
+    with pytest.raises(attacks.AttackError, match="choose one of .*multi_trigger, corner"):
         attacks.get("nope", num_classes=5)
 
 

@@ -110,7 +110,22 @@ def test_random_triggers_depend_on_seed(name):
     assert not np.allclose(np.asarray(a0.apply(x)), np.asarray(a1.apply(x)))
 
 
-@pytest.mark.parametrize("name", attacks.ATTACK_NAMES)
+def test_multi_trigger_parts_are_the_documented_triggers():
+    x = _rand(3)
+    a = _make("multi_trigger", seed=4)
+    bad, board, blend = a.parts
+    np.testing.assert_allclose(np.asarray(bad.apply(x)), np.asarray(_make("badnets").apply(x)))
+    np.testing.assert_allclose(np.asarray(blend.apply(x)), np.asarray(_make("blend", seed=4).apply(x)))
+    # checkerboard: rows/cols 1..4 replaced by white where row + col is even, black elsewhere
+    expect = x.copy()
+    for r in range(4):
+        for c in range(4):
+            expect[:, 1 + r, 1 + c, :] = float((r + c) % 2 == 0)
+    np.testing.assert_allclose(np.asarray(board.apply(x)), expect, atol=1e-6)
+    assert a.params == {"size": 4, "alpha": 0.2, "seed": 4, "targets": [2, 3, 4]}
+
+
+@pytest.mark.parametrize("name", [n for n in attacks.ATTACK_NAMES if n != "multi_trigger"])
 def test_apply_is_jittable_and_works_on_one_image(name):
     x = _rand(2)
     a = _make(name)

@@ -22,9 +22,10 @@ import os
 from typing import Any, Callable
 
 from .base import Attack, AttackError, AttackSpec, apply_trigger, check_target
-from .poison import PoisonedSet, asr_test_set, poison_dataset
+from .poison import PoisonedSet, asr_test_set, asr_true_labels, poison_dataset
 from .triggers import (FILE_TRIGGERS, badnets_patch, build_badnets, build_badnets_all2all, build_blend,
-                       build_file_trigger, build_sig, build_wanet, read_file_trigger)
+                       build_file_trigger, build_multi_trigger, build_sig, build_wanet, checkerboard_patch,
+                       read_file_trigger)
 from .warp import bicubic_matrix, identity_grid, wanet_grid  # ``attacks.warp`` stays the module
 
 Builder = Callable[..., Attack]
@@ -119,11 +120,12 @@ for _name in ("trojan_sq", "trojan_wm", "l0_inv", "l2_inv"):
     register(_name, build_file_trigger)
 register("sig", build_sig)
 register("wanet", build_wanet)
+register("multi_trigger", build_multi_trigger)
 del _name
 
 __all__ = [
     "ATTACK_NAMES", "Attack", "AttackError", "AttackSpec", "Builder", "FILE_TRIGGERS", "PoisonedSet",
-    "apply_trigger", "asr_test_set", "badnets_patch", "bicubic_matrix", "check_target", "get",
-    "identity_grid", "make_attack", "poison_dataset", "read_file_trigger", "register", "unregister",
-    "wanet_grid",
+    "apply_trigger", "asr_test_set", "asr_true_labels", "badnets_patch", "bicubic_matrix", "check_target",
+    "checkerboard_patch", "get", "identity_grid", "make_attack", "poison_dataset", "read_file_trigger", "register",
+    "unregister", "wanet_grid",
 ]

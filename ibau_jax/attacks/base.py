@@ -3,7 +3,10 @@
 Every attack is one of two trigger kinds, applied to NHWC batches in [0, 1]:
 
 - keep/pattern: ``x' = clip(x * keep + pattern, 0, 1)`` with ``keep``/``pattern`` (H, W, C);
-- warp (WaNet): ``x' = grid_sample(x, grid)`` with ``grid`` (H, W, 2), see ``attacks.warp``.
+- warp (WaNet): ``x' = grid_sample(x, grid)`` with ``grid`` (H, W, 2), see ``attacks.warp``;
+
+or several all-to-one attacks at once (``parts``: each trigger with its own target class, the
+multi-target setting); ``poison_dataset`` and ``asr_test_set`` handle each part.
 
 Builders (``attacks.triggers``) make ``Attack`` values from an ``AttackSpec``; the registry
 (``attacks.get``) validates the spec and the options first.
@@ -46,6 +49,9 @@ class Attack:
     align_corners=True). ``params`` records the attack's options (defaults filled in) for logs.
     ``all_to_all``: the backdoor maps label y to (y + 1) % num_classes instead of ``target``;
     ``clean_label``: poisoned training images keep their (target-class) labels.
+    ``parts``: a multi-trigger attack, made of all-to-one attacks with their own triggers and
+    targets (``target`` is the first part's); it has no single trigger, so ``apply`` and
+    ``target_labels`` refuse it: ``poison_dataset`` / ``asr_test_set`` go part by part.
     """
 
     name: str
@@ -60,9 +66,21 @@ class Attack:
     noise: bool = False          # WaNet noise mode (random-warp images that keep their labels)
     cross_ratio: float = 0.0     # WaNet: noise images per poisoned image
     params: dict = dataclasses.field(default_factory=dict)
+    parts: tuple["Attack", ...] = ()
+
+    @property
+    def targets(self) -> tuple[int, ...]:
+        """Every target class: the parts' (multi-trigger) or ``(target,)``."""
+        return tuple(p.target for p in self.parts) if self.parts else (self.target,)
+
+    def _single(self, what: str) -> None:
+        if self.parts:
+            raise AttackError(f"attack {self.name!r} has {len(self.parts)} triggers with their own targets "
+                              f"{list(self.targets)}: {what} applies to one of its parts (attack.parts[i])")
 
     def apply(self, x: jax.Array) -> jax.Array:
         """Apply the trigger to a batch (N, H, W, C) (or one image (H, W, C)) in [0, 1]; pure, jittable."""
+        self._single("apply")
         if self.grid is not None:
             return warp(x, jnp.asarray(self.grid))
         return apply_trigger(x, jnp.asarray(self.keep), jnp.asarray(self.pattern))
@@ -71,6 +89,7 @@ class Attack:
 
     def target_labels(self, y):
         """The label the backdoor should produce: ``target`` (all-to-one) or ``(y + 1) % num_classes``."""
+        self._single("target_labels")
         if self.all_to_all:
             return (y + 1) % self.num_classes
         if isinstance(y, jax.Array):

@@ -74,10 +74,19 @@ def poison_dataset(x: np.ndarray, y: np.ndarray, attack: Attack, ratio: float, s
     WaNet noise mode (``attack.noise``): ``int(round(noise_ratio * N))`` further images, by
     default ``round(attack.cross_ratio * n_poisoned)`` (WaNet's cross ratio 2), drawn from the
     images not poisoned, get a randomly perturbed warp (``Attack.noise_grids``) and keep their labels.
+
+    Multi-trigger (``attack.parts``, k parts): the ``int(round(ratio * N))`` images are split
+    over the parts in order (when k does not divide the count, the first parts take one more),
+    each part's drawn, with the same generator, from the images whose label is not its target
+    and that no earlier part took.
     """
     x, y = _check_images(x, y, attack, "poison_dataset")
     ratio = _check_ratio(ratio, "poison ratio")
     n = len(x)
+    if attack.parts:
+        if noise_ratio is not None:
+            raise AttackError(f"noise_ratio applies only to wanet with noise=True, not to {attack.name!r}")
+        return _poison_parts(x, y, attack, ratio, seed)
     if attack.all_to_all:
         eligible, kind = np.arange(n), "images"
     elif attack.clean_label:
@@ -118,6 +127,29 @@ def poison_dataset(x: np.ndarray, y: np.ndarray, attack: Attack, ratio: float, s
     return PoisonedSet(x_out, y_out, poisoned.astype(np.int64), noise.astype(np.int64))
 
 
+def _poison_parts(x: np.ndarray, y: np.ndarray, attack: Attack, ratio: float, seed: int) -> PoisonedSet:
+    """``poison_dataset`` of a multi-trigger attack (see there)."""
+    n, k = len(x), len(attack.parts)
+    n_poison = int(round(ratio * n))
+    if n_poison < k:
+        raise AttackError(f"poison ratio {ratio} of {n} images gives {n_poison} poisoned images, fewer than the "
+                          f"{k} triggers of {attack.name!r}; raise the ratio")
+    rng = np.random.default_rng(seed)
+    taken = np.zeros(n, bool)
+    x_out, y_out = x.copy(), y.copy()
+    for i, part in enumerate(attack.parts):
+        m = n_poison // k + (1 if i < n_poison % k else 0)
+        eligible = np.flatnonzero((y != part.target) & ~taken)
+        if m > len(eligible):
+            raise AttackError(f"poison ratio {ratio} asks for {m} images for trigger {i} (target {part.target}) but "
+                              f"only {len(eligible)} are eligible; lower the ratio")
+        idx = np.sort(rng.choice(eligible, m, replace=False))
+        taken[idx] = True
+        x_out[idx] = _apply_batched(part.apply, x[idx])
+        y_out[idx] = part.target
+    return PoisonedSet(x_out, y_out, np.flatnonzero(taken).astype(np.int64), np.zeros(0, np.int64))
+
+
 def asr_test_set(x: np.ndarray, y: np.ndarray, attack: Attack) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Attack-success-rate set: every image triggered (WaNet: the fixed warp, no noise).
 
@@ -125,8 +157,20 @@ def asr_test_set(x: np.ndarray, y: np.ndarray, attack: Attack) -> tuple[np.ndarr
     attack_labels (N,) int32 = ``attack.target_labels(y)`` (all ``target`` for all-to-one, as the
     original I-BAU code), keep_mask (N,) bool = y != attack label: the images counted by the
     non-target ASR and by robust accuracy).
+
+    Multi-trigger (``attack.parts``, k parts): every part's set, concatenated in part order
+    (k·N images; the ASR is then the mean over the triggers).
     """
     x, y = _check_images(x, y, attack, "asr_test_set")
+    if attack.parts:
+        sets = [asr_test_set(x, y, part) for part in attack.parts]
+        return tuple(np.concatenate(v) for v in zip(*sets))
     xt = _apply_batched(attack.apply, x)
     labels = np.asarray(attack.target_labels(y)).astype(np.int32)
     return xt, labels, labels != y
+
+
+def asr_true_labels(y: np.ndarray, attack: Attack) -> np.ndarray:
+    """The true labels of ``asr_test_set(x, y, attack)``'s images: y, repeated once per trigger
+    of a multi-trigger attack (the set concatenates the parts)."""
+    return np.tile(np.asarray(y), len(attack.parts) or 1)

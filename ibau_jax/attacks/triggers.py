@@ -14,9 +14,15 @@ Keep/pattern triggers, ``clip(x * keep + pattern, 0, 1)`` with (H, W, C) arrays:
   ``mask.npy`` (C, H, W) transposed to (H, W, C).
 
 Warp trigger: ``wanet``, a fixed smooth warping field (``attacks.warp.wanet_grid``).
+
+Multi-trigger: ``multi_trigger``, three all-to-one triggers with their own targets (the
+paper's multi-target setting "three triggers, each sending its images to its own class"):
+the BadNets patch -> target, a 4x4 black-and-white checkerboard at rows/cols 1..4 -> target + 1,
+Blend noise (alpha 0.2) -> target + 2 (mod num_classes).
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -160,3 +166,32 @@ def build_wanet(spec: AttackSpec, *, k: int = 4, s: float = 0.5, grid_rescale: f
         raise AttackError(f"wanet cross_ratio must be >= 0, got {cross}")
     grid = wanet_grid(spec.image_shape, k, s, float(grid_rescale), spec.seed)
     return spec.attack(grid=grid, noise=bool(noise), cross_ratio=cross, params={"seed": spec.seed})
+
+
+def checkerboard_patch(image_shape: tuple[int, int, int] = (32, 32, 3), size: int = 4,
+                       corner: tuple[int, int] = (1, 1)) -> tuple[np.ndarray, np.ndarray]:
+    """(keep, pattern) (H, W, C) float32 of a size x size black-and-white checkerboard at ``corner``
+    (top-left pixel; white where row + column is even), all channels."""
+    keep = np.ones(image_shape, np.float32)
+    pattern = np.zeros(image_shape, np.float32)
+    r, c = corner
+    keep[r:r + size, c:c + size, :] = 0.0
+    board = (np.add.outer(np.arange(size), np.arange(size)) % 2 == 0).astype(np.float32)
+    pattern[r:r + size, c:c + size, :] = board[:, :, None]
+    return keep, pattern
+
+
+def build_multi_trigger(spec: AttackSpec, *, size: int = 4, alpha: float = 0.2) -> Attack:
+    """Three triggers, three targets: BadNets patch -> t, checkerboard (top-left) -> t+1, Blend -> t+2."""
+    if spec.num_classes < 3:
+        raise AttackError(f"multi_trigger needs at least 3 classes (one target per trigger), got {spec.num_classes}")
+    size = int(size)
+    h, w, _ = spec.image_shape
+    if not 1 <= size <= min(h, w) // 2 - 1:
+        raise AttackError(f"multi_trigger size {size} does not fit two corner patches in {h}x{w} images")
+    sub = lambda i, name: dataclasses.replace(spec, name=name, target=(spec.target + i) % spec.num_classes)
+    keep, pattern = checkerboard_patch(spec.image_shape, size)
+    parts = (build_badnets(sub(0, "badnets"), size=size),
+             sub(1, "checkerboard").attack(keep=keep, pattern=pattern),
+             build_blend(sub(2, "blend"), alpha=alpha))
+    return spec.attack(parts=parts, params={"seed": spec.seed, "targets": [p.target for p in parts]})

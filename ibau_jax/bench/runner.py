@@ -56,8 +56,9 @@ def digits_experiment(spec: ModelSpec, entry: zoo.ZooModel, n_clean: int):
                                  seed=int(run["config"]["trigger_seed"]))
     cx, cy = d.clean_x[:n_clean], d.clean_y[:n_clean]
     asr_x, asr_t, _ = attacks.asr_test_set(cx, cy, attack)
-    return experiment.Experiment(models.get_model(spec.arch, d.num_classes), variables, d.num_classes, attack.target,
-                                 cx, cy, d.test_x, d.test_y, asr_x, asr_t), run["checkpoint"]
+    exp = experiment.Experiment(models.get_model(spec.arch, d.num_classes), variables, d.num_classes, attack.target,
+                                cx, cy, d.test_x, d.test_y, asr_x, asr_t, attacks.asr_true_labels(cy, attack))
+    return exp, run["checkpoint"]
 
 
 class _Experiments:

@@ -170,7 +170,7 @@ def _train_digits(spec: ModelSpec, t: dict[str, Any], run_dir: Path, *, resume: 
                                  seed=streams.seed_of("trigger"))
     poisoned = attacks.poison_dataset(d.train_x, d.train_y, attack, spec.poison_ratio, streams.seed_of("poison"))
     asr_x, asr_t, _ = attacks.asr_test_set(d.test_x, d.test_y, attack)
-    eval_sets = training.EvalSets(d.test_x, d.test_y, asr_x, asr_t, d.test_y)
+    eval_sets = training.EvalSets(d.test_x, d.test_y, asr_x, asr_t, attacks.asr_true_labels(d.test_y, attack))
     x, y = poisoned.x, poisoned.y
     if t["train_limit"]:
         x, y = x[: t["train_limit"]], y[: t["train_limit"]]

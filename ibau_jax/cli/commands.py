@@ -379,7 +379,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
     poisoned = attacks.poison_dataset(data.to_float(x), y, attack, args.poison_ratio, streams.seed_of("poison"))
     test_x = data.to_float(test.x)
     asr_x, asr_t, _ = attacks.asr_test_set(test_x, test.y, attack)
-    eval_sets = training.EvalSets(test_x, test.y, asr_x, asr_t, test.y)
+    eval_sets = training.EvalSets(test_x, test.y, asr_x, asr_t, attacks.asr_true_labels(test.y, attack))
     lr = args.lr if args.lr is not None else (0.05 if args.optimizer == "sgd" else 1e-3)
     config = training.TrainConfig(epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=lr,
                                   weight_decay=args.weight_decay, flip=args.dataset != "gtsrb", seed=args.seed,

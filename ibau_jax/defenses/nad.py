@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from functools import partial
 from typing import Any, Callable, Sequence
 
 import jax
@@ -216,39 +215,17 @@ def distill_step(state: training.TrainState, teacher: PyTree, batch: tuple[jax.A
 def make_student_epoch(layers: tuple[str, ...], betas: tuple[float, ...], p: float, batch_size: int,
                        crop_pad: int = 4, flip: bool = True, on_step: Callable[[Any], None] | None = None,
                        mesh: Any = None) -> Callable[..., Any]:
-    """``epoch(state, teacher, xs, ys, rng) -> (state, mean metrics)``, traceable: shuffle the
-    clean set xs (N, H, W, C), ys (N,), drop the last N mod batch_size, then ``lax.scan``
-    ``distill_step`` over the batches (the permutation and keys as ``training.train_epoch``).
+    """``epoch(state, teacher, xs, ys, rng) -> (state, mean metrics)``, traceable: the training
+    epoch's loop (``training.scan_epoch``: shuffle, drop the last N mod batch_size, scan) over
+    ``distill_step``.
     With ``mesh``: batches padded to ``sharding.padded_size(batch_size, mesh)`` at weight 0 and
     split over the devices (state, teacher, xs, ys replicated)."""
     padded = batch_size if mesh is None else sharding.padded_size(batch_size, mesh)
-    step = partial(distill_step, layers=layers, betas=betas, p=p, crop_pad=crop_pad, flip=flip)
 
     def epoch(state, teacher, xs, ys, rng):
-        nb = xs.shape[0] // batch_size
-        perm_key, step_key = jax.random.split(rng)
-        idx = jax.random.permutation(perm_key, xs.shape[0])[: nb * batch_size].reshape(nb, batch_size)
-        w = None
-        if padded != batch_size:
-            idx = jnp.pad(idx, ((0, 0), (0, padded - batch_size)))
-            w = jnp.broadcast_to(jnp.arange(padded) < batch_size, idx.shape).astype(jnp.float32)
-        if mesh is not None:
-            idx = jax.lax.with_sharding_constraint(idx, sharding.split_along(mesh, 1))
-            if w is not None:
-                w = jax.lax.with_sharding_constraint(w, sharding.split_along(mesh, 1))
-
-        def body(state, inp):
-            i, k, wi = inp
-            xb, yb = xs[i], ys[i]
-            if mesh is not None:
-                xb = jax.lax.with_sharding_constraint(xb, sharding.split_along(mesh, 0))
-            state, m = step(state, teacher, (xb, yb), k, w=wi)
-            if on_step is not None:
-                jax.debug.callback(on_step, m["loss"])
-            return state, m
-
-        state, ms = jax.lax.scan(body, state, (idx, jax.random.split(step_key, nb), w))
-        return state, jax.tree.map(jnp.mean, ms)
+        step = lambda st, batch, k, w: distill_step(st, teacher, batch, k, layers, betas, p, crop_pad, flip, w)
+        return training.scan_epoch(step, state, xs, ys, rng, batch_size, padded_batch=padded, mesh=mesh,
+                                   on_step=on_step)
 
     return epoch
 

@@ -166,15 +166,23 @@ def train_step(state: TrainState, batch: tuple[jax.Array, jax.Array], rng: jax.A
     return state, {"loss": loss, "acc": sharding.weighted_mean(hits, w)}
 
 
-def _epoch(state: TrainState, xs: jax.Array, ys: jax.Array, rng: jax.Array, batch_size: int,
-           crop_pad: int, flip: bool, on_step: Callable[[jax.Array], None] | None,
-           padded_batch: int, mesh: Mesh | None,
-           dp: DPConfig | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
-    """The epoch both ``train_epoch`` and the mesh epoch compile (see ``train_epoch``).
+# step(state, (x (n, H, W, C), y (n,)), rng, w (n,) | None) -> (state, metrics with 'loss')
+Step = Callable[[TrainState, tuple[jax.Array, jax.Array], jax.Array, "jax.Array | None"],
+                tuple[TrainState, dict[str, jax.Array]]]
 
-    ``padded_batch`` > batch_size pads every batch's index row with index 0 at weight 0;
-    with ``mesh`` the batches are split over its devices along the example axis; ``dp``: DP-SGD steps.
+
+def scan_epoch(step: Step, state: TrainState, xs: jax.Array, ys: jax.Array, rng: jax.Array, batch_size: int, *,
+               padded_batch: int | None = None, mesh: Mesh | None = None,
+               on_step: Callable[[jax.Array], None] | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One epoch of any per-batch ``step`` (traceable): shuffle xs (N, H, W, C), ys (N,), drop the
+    last N mod batch_size, then ``lax.scan`` the step over the batches; the epoch's mean metrics.
+
+    ``padded_batch`` > batch_size pads every batch's index row with index 0 at weight 0 (the
+    step gets ``w``); with ``mesh`` the batches are split over its devices along the example
+    axis. ``on_step(loss)`` is called from the compiled loop after each step. The training
+    epoch and NAD's distillation epoch are this loop with their own step.
     """
+    padded_batch = batch_size if padded_batch is None else padded_batch
     nb = xs.shape[0] // batch_size
     perm_key, step_key = jax.random.split(rng)
     idx = jax.random.permutation(perm_key, xs.shape[0])[: nb * batch_size].reshape(nb, batch_size)
@@ -194,13 +202,22 @@ def _epoch(state: TrainState, xs: jax.Array, ys: jax.Array, rng: jax.Array, batc
         xb, yb = xs[i], ys[i]
         if mesh is not None:
             xb = jax.lax.with_sharding_constraint(xb, sharding.split_along(mesh, 0))
-        state, m = train_step(state, (xb, yb), k, crop_pad=crop_pad, flip=flip, w=wi, dp=dp)
+        state, m = step(state, (xb, yb), k, wi)
         if on_step is not None:
             jax.debug.callback(on_step, m["loss"])
         return state, m
 
     state, ms = jax.lax.scan(body, state, (idx, jax.random.split(step_key, nb), w))
     return state, jax.tree.map(jnp.mean, ms)
+
+
+def _epoch(state: TrainState, xs: jax.Array, ys: jax.Array, rng: jax.Array, batch_size: int,
+           crop_pad: int, flip: bool, on_step: Callable[[jax.Array], None] | None,
+           padded_batch: int, mesh: Mesh | None,
+           dp: DPConfig | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+    """The epoch both ``train_epoch`` and the mesh epoch compile: ``scan_epoch`` of ``train_step``."""
+    step = lambda st, batch, k, w: train_step(st, batch, k, crop_pad=crop_pad, flip=flip, w=w, dp=dp)
+    return scan_epoch(step, state, xs, ys, rng, batch_size, padded_batch=padded_batch, mesh=mesh, on_step=on_step)
 
 
 @partial(jax.jit, static_argnames=("batch_size", "crop_pad", "flip", "on_step"))
