@@ -19,9 +19,12 @@ The math (η = ``eta``, λ = ``reg``):
     v_0 = 0,  v_{k+1} = (∂Φ/∂δ)ᵀ v_k + ∇_δ L_outer            (k = 0..K−1)
     hypergradient = ∇_θ L_outer + (∂Φ/∂θ)ᵀ v_K
 
-Run as a script to perform I-BAU rounds on the authors' BadNets checkpoint:
+Run as a script to perform I-BAU rounds on one of the authors' CIFAR-10 checkpoints (default
+BadNets; the split and triggered images of the other two come from ``ibau_jax.experiment.load``,
+the round itself is all PyTorch):
 
     python experiments/torch_ibau.py --shared ../shared --rounds 1 --seed 0 --out r.json
+    python experiments/torch_ibau.py --checkpoint l2_inv --rounds 1 --seed 0 --out r.json
 """
 
 from __future__ import annotations
@@ -376,6 +379,11 @@ def unlearn_round(model: nn.Module, x_clean_batches, y_clean_batches, perturbed_
 # ----------------------------------------------------------------------------
 
 
+# the authors' CIFAR-10 checkpoints in ../shared/ibau-original/checkpoints: file, target class
+CHECKPOINTS = {"badnets": ("badnets_8_02_ckpt.pth", 8), "trojan_sq": ("trojan_sq_2_02_ckpt.pth", 2),
+               "l2_inv": ("l2_inv_0_02_ckpt.pth", 0)}
+
+
 def _write_json_atomic(path: str, obj) -> None:
     path = os.path.abspath(path)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp_", suffix=".json")
@@ -390,8 +398,9 @@ def _write_json_atomic(path: str, obj) -> None:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description="PyTorch I-BAU baseline on the BadNets CIFAR-10 checkpoint")
+    ap = argparse.ArgumentParser(description="PyTorch I-BAU baseline on the authors' CIFAR-10 checkpoints")
     ap.add_argument("--shared", default=os.environ.get("IBAU_SHARED", "../shared"))
+    ap.add_argument("--checkpoint", choices=sorted(CHECKPOINTS), default="badnets")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--limit-batches", type=int, default=None, help="use only the first B of the 50 batches")
@@ -407,13 +416,22 @@ def main(argv=None) -> dict:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     shared = Path(args.shared)
-    model = load_small_vgg(shared / "ibau-original" / "checkpoints" / "badnets_8_02_ckpt.pth")
-    data = np.load(shared / "datasets" / "cifar10" / "test.npz")
-    x = data["x"].astype(np.float32) / 255.0
-    y = data["y"].astype(np.int64)
-    x_clean, y_clean = x[:5000], y[:5000]
-    x_acc, y_acc = x[5000:], y[5000:]
-    x_asr, y_asr = badnets(x_clean), np.full(5000, 8, dtype=np.int64)
+    file, target = CHECKPOINTS[args.checkpoint]
+    model = load_small_vgg(shared / "ibau-original" / "checkpoints" / file)
+    if args.checkpoint == "badnets":
+        data = np.load(shared / "datasets" / "cifar10" / "test.npz")
+        x = data["x"].astype(np.float32) / 255.0
+        y = data["y"].astype(np.int64)
+        x_clean, y_clean = x[:5000], y[:5000]
+        x_acc, y_acc = x[5000:], y[5000:]
+        x_asr, y_asr = badnets(x_clean), np.full(5000, 8, dtype=np.int64)
+    else:  # the same original split; the trigger applied by ibau-jax's attack (a data step only)
+        from ibau_jax import experiment
+        e = experiment.load(shared / "ibau-original" / "checkpoints" / file, data_dir=shared / "datasets" / "cifar10",
+                            attack=args.checkpoint, target=target, trigger_dir=shared / "ibau-original" / "triggers",
+                            download=False)
+        x_clean, y_clean, x_acc, y_acc = e.clean_x, e.clean_y.astype(np.int64), e.acc_x, e.acc_y.astype(np.int64)
+        x_asr, y_asr = e.asr_x, e.asr_t.astype(np.int64)
     nb = 50 if args.limit_batches is None else min(50, args.limit_batches)
     xb = [x_clean[100 * i:100 * (i + 1)] for i in range(nb)]
     yb = [y_clean[100 * i:100 * (i + 1)] for i in range(nb)]
@@ -425,7 +443,7 @@ def main(argv=None) -> dict:
     before = measure()
     print(f"before: acc {before['acc']:.4f}  asr {before['asr']:.4f}", flush=True)
     result = {"framework": "torch", "torch_version": torch.__version__, "threads": torch.get_num_threads(),
-              "seed": args.seed, "batches": nb, "K": args.K, "structure": args.structure, "projection": not args.no_projection,
+              "checkpoint": args.checkpoint, "seed": args.seed, "batches": nb, "K": args.K, "structure": args.structure, "projection": not args.no_projection,
               "before": before, "rounds": []}
     optimizer = make_optimizer(model, 1e-3)  # one Adam for all rounds, as in the original
     for r in range(args.rounds):

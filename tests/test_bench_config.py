@@ -132,6 +132,8 @@ def test_report_tables_runtime_reference_and_plot(tmp_path):
     assert s["tables"]["300"]["a"]["ibau"]["seeds"] == 2
     assert "| a | 94.0 / 88.0 (12.0) | 87.0 / 7.0 (93.0) | 83.1 / 9.4 | 90.0 / 70.0 (30.0) |" in md
     assert "ibau [paper]" in md and "profile `full`" in md
+    # no reference for model b: '–' in the reference column, 'missing' only for our cells not run
+    assert "| b | missing | missing | – | missing |" in md
     # ft (40 s) is the floor, not one of the paper's baselines: fp (60 s) / ibau (10 s)
     assert s["runtime_ratio"]["fastest_baseline"] == "fp" and math.isclose(s["runtime_ratio"]["ratio"], 6.0)
     assert "(fp, 60.0 s) / I-BAU (ibau, 10.0 s) = 6.00x; / I-BAU's first round (5.0 s) = 12.00x" in md
@@ -157,3 +159,42 @@ def test_cli_bad_inputs_exit_2_with_one_line(tmp_path, capsys):
     assert main(["report", str(d), "--reference", str(tmp_path / "x.csv")]) == 2
     assert "needs a header" in capsys.readouterr().err
     assert issubclass(records.ResultsError, UserError) and issubclass(report.ReferenceError, UserError)
+
+
+def test_a_cell_too_small_for_its_defense_fails_before_any_work(tmp_path, capsys):
+    """clean-set size 100 with ft's batch of 128: one line, exit 2, before zoo training or any cell."""
+    cfg = tmp_path / "small.toml"
+    cfg.write_text('zoo = "' + str(tmp_path / "zoo") + '"\nn_clean = [300, 100]\n'
+                   '[models.a]\ndataset = "digits"\nattack = "badnets"\ntarget = 0\npoison_ratio = 0.1\n'
+                   'train = { epochs = 1 }\n[defenses.ibau]\nbatch_size = 50\n[defenses.ft]\n')
+    assert main(["bench", str(cfg), "--results", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0, err
+    assert "cell a__ft__n100__s0 cannot run: the clean set has 100 images, fewer than one batch of 128" in err, err
+    assert "[defenses.ft]" in err
+    assert not (tmp_path / "zoo").exists()                     # no zoo model was trained
+    assert not list((tmp_path / "r").glob("records/*.json"))   # and no cell ran
+
+
+@pytest.mark.parametrize("name", ["smoke", "cifar10_single", "gtsrb_single", "clean_size", "poison_ratio",
+                                  "multi_target"])
+@pytest.mark.parametrize("profile", ["full", "cpu"])
+def test_every_ready_made_config_can_run_every_cell(name, profile):
+    """Each shipped config parses and each of its cells passes its defense's clean-set-size check
+    (clean_size.toml goes down to 100 images)."""
+    from pathlib import Path
+
+    from ibau_jax.bench import runner
+    path = Path(__file__).resolve().parents[1] / "experiments" / "configs" / f"{name}.toml"
+    cfg = config.load(path, profile=profile)
+    cells = grid.cells(cfg)
+    assert cells
+    runner.preflight(cfg, cells)
+
+
+def test_eval_every_is_read_and_checked():
+    assert config.parse(raw()).eval_every == 1
+    assert config.parse(raw(eval_every=5)).eval_every == 5
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ConfigError, match="eval_every must be an integer >= 1"):
+            config.parse(raw(eval_every=bad))

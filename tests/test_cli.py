@@ -169,3 +169,50 @@ def test_user_errors_are_one_line_and_bugs_keep_their_traceback(monkeypatch, cap
     monkeypatch.setitem(commands.COMMANDS, "evaluate", bug)
     with pytest.raises(ValueError, match="do not match"):
         cli.main(["evaluate", "--checkpoint", "x.pth"])
+
+
+@pytest.mark.parametrize("every, evaluated_rounds, calls", [(1, [1, 2, 3], 4), (2, [2], 3), (5, [], 2)])
+def test_eval_every_skips_evaluations_but_always_evaluates_the_result(tmp_path, every, evaluated_rounds, calls):
+    """`defend --eval-every N` (bench: `eval_every`): the model is evaluated before, every N rounds,
+    and once at the end when the last round was skipped; every round keeps its record."""
+    import argparse
+    import dataclasses
+    import types
+
+    import numpy as np
+
+    from ibau_jax.cli.commands import run_defense
+    from ibau_jax.defenses import DefenseResult
+
+    seen = []
+
+    def evaluate(v, mesh=None):
+        seen.append(v["w"])
+        return {"clean_acc": 0.9 - 0.1 * v["w"], "asr_all": 1.0 - 0.3 * v["w"], "asr_nontarget": 0.5,
+                "robust_acc": 0.1 * v["w"]}
+
+    @dataclasses.dataclass(frozen=True)
+    class Cfg:
+        rounds: int = 3
+
+    class ThreeRounds:
+        name, config = "three", Cfg()
+
+        def run(self, model, variables, clean, key, *, mesh=None, callback=None):
+            hist = []
+            for r in (1, 2, 3):
+                rec = {"round": r, "seconds": 0.1}
+                hist.append({**rec, **(callback(r, {"w": r}, rec) or {})})
+            return DefenseResult({"w": 3}, hist, {}, 0.3, 0.0)
+
+    exp = types.SimpleNamespace(evaluate=evaluate, clean_x=np.zeros((4, 2, 2, 3), np.float32),
+                                clean_y=np.zeros(4, np.int32), num_classes=2, target=0, variables={"w": 0}, model=None)
+    out = tmp_path / "r.json"
+    args = argparse.Namespace(command="defend", devices=None, out=str(out), seed=0, quiet=True, checkpoint=None,
+                              model="m", dataset="digits", attack="badnets", n_clean=4, save=None, eval_every=every)
+    assert run_defense(args, ThreeRounds(), exp=exp) == 0
+    res = json.loads(out.read_text())
+    assert len(seen) == calls and seen[0] == 0 and seen[-1] == 3      # before ... the final model
+    assert [h["round"] for h in res["history"] if "clean_acc" in h] == evaluated_rounds
+    assert [h["round"] for h in res["history"]] == [1, 2, 3]
+    assert res["after"] == evaluate({"w": 3}) and res["der"] is not None

@@ -4,6 +4,7 @@
     zoo = "runs/zoo"                  # where poisoned models are kept (relative to the working dir)
     seeds = [0]                       # the defense's PRNGKey(seed)
     n_clean = [300]                   # clean-set sizes (the "setting" axis)
+    eval_every = 1                    # rounds between evaluations in a cell (the last always)
 
     [models.badnets]                  # a poisoned model: imported ...
     dataset = "cifar10"
@@ -51,7 +52,7 @@ from ..errors import ConfigError
 
 DATASETS = ("digits", "cifar10", "gtsrb")
 PROFILES = ("full", "cpu")
-TOP_KEYS = {"name", "description", "zoo", "seeds", "n_clean", "models", "defenses", "profile", "data"}
+TOP_KEYS = {"name", "description", "zoo", "seeds", "n_clean", "eval_every", "models", "defenses", "profile", "data"}
 MODEL_KEYS = {"dataset", "attack", "target", "poison_ratio", "checkpoint", "arch", "train", "attack_options",
               "trigger_dir", "data_dir", "description"}
 TRAIN_KEYS = {"epochs", "batch_size", "lr", "optimizer", "weight_decay", "seed", "train_limit"}
@@ -117,6 +118,7 @@ class BenchConfig:
     description: str = ""
     only_models: tuple[str, ...] | None = None     # run a subset (--models / --defenses)
     only_defenses: tuple[str, ...] | None = None
+    eval_every: int = 1           # rounds between evaluations in a cell (the last always)
 
     @property
     def fingerprint(self) -> str:
@@ -251,8 +253,11 @@ def parse(raw: dict[str, Any], *, profile: str = "full", source: str = "<config>
     if any(m.dataset == "digits" for m in models) and max(n_clean) > DIGITS_CLEAN_POOL:
         raise ConfigError(f"{source}: n_clean {max(n_clean)} exceeds the digits clean pool "
                           f"({DIGITS_CLEAN_POOL} images); use at most {DIGITS_CLEAN_POOL}")
+    eval_every = resolved.get("eval_every", 1)
+    if isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 1:
+        raise ConfigError(f"{source}: eval_every must be an integer >= 1, got {eval_every!r}")
     cfg = BenchConfig(
-        name=str(resolved.get("name", Path(source).stem)), profile=profile,
+        eval_every=eval_every, name=str(resolved.get("name", Path(source).stem)), profile=profile,
         zoo=str(resolved.get("zoo", "runs/zoo")), seeds=_ints(f"{source}: seeds", resolved.get("seeds", [0]), 0),
         n_clean=n_clean, models=models, defenses=defs, source=source, resolved=resolved,
         description=str(resolved.get("description", "")))

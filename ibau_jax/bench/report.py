@@ -148,6 +148,10 @@ def _ref_lookup(refs: list[dict[str, Any]], model: str, defense: str, n: int, so
     return None
 
 
+def _ref_text(r: dict[str, Any] | None) -> str:
+    return "–" if r is None else _cell_text(r)
+
+
 def markdown(s: dict[str, Any], refs: list[dict[str, Any]] | None = None) -> str:
     refs = refs or []
     sources = list(dict.fromkeys(r["source"] for r in refs))
@@ -166,7 +170,8 @@ def markdown(s: dict[str, Any], refs: list[dict[str, Any]] | None = None) -> str
                   "| model | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
         for m in s["models"]:
             row = t.get(m, {})
-            vals = [_cell_text(row.get(dl)) if src is None else _cell_text(_ref_lookup(refs, m, dl, n, src))
+            # a reference the CSV does not give is '–'; 'missing' is kept for our cells not yet run
+            vals = [_cell_text(row.get(dl)) if src is None else _ref_text(_ref_lookup(refs, m, dl, n, src))
                     for dl, src in cols]
             lines.append(f"| {m} | " + " | ".join(vals) + " |")
         lines.append("")

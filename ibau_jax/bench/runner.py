@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from .. import defenses
+from ..errors import ConfigError
 from . import grid, records, zoo
 from .config import BenchConfig, ModelSpec
 
@@ -31,11 +32,12 @@ class Commands(Protocol):
     def cmd_attack(self, args: argparse.Namespace) -> int: ...
 
 
-def cell_args(spec: ModelSpec, entry: zoo.ZooModel, cell: grid.Cell, out: Path) -> argparse.Namespace:
+def cell_args(spec: ModelSpec, entry: zoo.ZooModel, cell: grid.Cell, out: Path, eval_every: int = 1) -> argparse.Namespace:
     """The ``defend`` flags of ``cell`` (what ``run_defense`` and ``load_experiment`` read)."""
     a = argparse.Namespace(command="bench", dataset=spec.dataset, data_dir=spec.data_dir, trigger_dir=spec.trigger_dir,
                            attack=spec.attack, target=spec.target, n_clean=cell.n_clean, no_download=True,
-                           data_source="auto", seed=cell.seed, out=str(out), save=None, quiet=True, devices=None)
+                           data_source="auto", seed=cell.seed, out=str(out), save=None, quiet=True, devices=None,
+                           eval_every=eval_every)
     if entry.run_dir is not None and spec.dataset != "digits":
         a.model, a.checkpoint = str(entry.run_dir), None   # resolved like `defend --model RUN_DIR`
     else:
@@ -91,7 +93,7 @@ def run_cell(config: BenchConfig, cell: grid.Cell, entry: zoo.ZooModel, results_
     work = results_dir / records.WORK
     work.mkdir(exist_ok=True)
     out = work / f"{cell.id}.json"
-    args = cell_args(spec, entry, cell, out)
+    args = cell_args(spec, entry, cell, out, config.eval_every)
     defense = defenses.get(dspec.defense, **dspec.overrides)
     t0 = time.perf_counter()
     with open(work / f"{cell.id}.log", "w", encoding="utf-8") as log, contextlib.redirect_stdout(log):
@@ -115,6 +117,18 @@ def run_cell(config: BenchConfig, cell: grid.Cell, entry: zoo.ZooModel, results_
         if k in res:
             rec[k] = res[k]
     return rec
+
+
+def preflight(config: BenchConfig, cells: list[grid.Cell]) -> None:
+    """Check every cell's defense against its clean-set size before the first cell runs, so a
+    setting that cannot run (a batch larger than the clean set) never costs the cells before it."""
+    for cell in cells:
+        dspec = config.defense(cell.defense)
+        try:
+            defenses.get(dspec.defense, **dspec.overrides).check_size(cell.n_clean)
+        except ConfigError as e:
+            raise ConfigError(f"cell {cell.id} cannot run: {e} (in [defenses.{dspec.label}] of the "
+                                   f"config; nothing was run)") from None
 
 
 def _compilation_cache(path: Path) -> None:
@@ -142,6 +156,7 @@ def run(config: BenchConfig, results_dir: str | Path, *, commands: Commands, tra
     _compilation_cache(d / records.WORK / "xla_cache")
     done = records.finished(d, config.fingerprint)
     todo = [c for c in grid.cells(config, selected=True) if c.id not in done]
+    preflight(config, todo)   # before any zoo training or cell
     status = {k: v for k, v in records.read_status(d).items() if k not in {c.id for c in todo}}
     entries: dict[str, zoo.ZooModel] = {}
     for name in dict.fromkeys(c.model for c in todo):

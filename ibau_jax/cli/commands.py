@@ -136,6 +136,7 @@ def cmd_defend(args: argparse.Namespace) -> int:
     name = args.defense if args.command == "defend" else "ibau"
     overrides = defenses.parse_overrides(name, args.set) if args.command == "defend" else unlearn_overrides(args)
     defense = defenses.get(name, **overrides)
+    defense.check_size(args.n_clean)
     distributed.init_distributed(args.coordinator, args.num_processes, args.process_id)
     return run_defense(args, defense)
 
@@ -173,8 +174,15 @@ def run_defense(args: argparse.Namespace, defense, exp=None) -> int:
         # a host callback from inside the compiled loop: only when a bar is shown
         defense.on_step = lambda *_: bar.update(1)
 
-    def callback(r: int, variables, record: dict) -> dict:
+    every = getattr(args, "eval_every", 1)
+    evaluated = {"last": 0}
+
+    def callback(r: int, variables, record: dict) -> dict | None:
+        if r % every:  # not this round: the record is kept, the evaluation (10k images on CPU) skipped
+            result["history"].append(dict(record))
+            return None
         m = evaluate(variables)
+        evaluated["last"] = r
         result["history"].append({**record, **m})
         result["after"] = m
         result["der"] = metrics.der(result["before"], m)
@@ -201,7 +209,8 @@ def run_defense(args: argparse.Namespace, defense, exp=None) -> int:
                   diagnostics=res.diagnostics, complete=True)
     if res.flagged_classes is not None:
         result.update(flagged_classes=res.flagged_classes, class_scores=res.class_scores)
-    if result["after"] is None:  # a defense without rounds: evaluate once at the end
+    if result["after"] is None or evaluated["last"] != len(res.history):
+        # a defense without rounds, or a last round that --eval-every skipped: evaluate the result
         result["after"] = evaluate(res.variables)
         result["der"] = metrics.der(result["before"], result["after"])
     if not writer:
@@ -256,7 +265,7 @@ def _sweep_defense(args: argparse.Namespace) -> int:
     grid = _parse_grid(args.defense, args.grid)
     from .. import sweep
     for st in sweep.grid_settings(grid) or [{}]:  # every setting's config checked before any data loads
-        defenses.get(args.defense, **{**base, **st})
+        defenses.get(args.defense, **{**base, **st}).check_size(args.n_clean)
     distributed.init_distributed(args.coordinator, args.num_processes, args.process_id)
 
     import time

@@ -74,6 +74,8 @@ def _run_flags(p: argparse.ArgumentParser, out_default: str) -> None:
     p.add_argument("--out", default=out_default, help="result JSON (a markdown report is written beside it)")
     p.add_argument("--save", default=None, help="write the defended model here (.npz)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--eval-every", type=int, default=1,
+                   help="rounds (epochs) between evaluations of the defended model; the last is always evaluated")
     _device_flags(p)
 
 

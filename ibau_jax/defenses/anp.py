@@ -440,9 +440,10 @@ class ANP:
     def num_steps(self, clean_set: CleanSet) -> int:
         return self.config.iterations
 
-    def _split(self, clean_set: CleanSet, key: jax.Array) -> tuple[np.ndarray, np.ndarray]:
-        """(optimisation indices, held-out indices); ConfigError when either is too small."""
-        cfg, n = self.config, len(clean_set)
+    def check_size(self, n: int) -> int:
+        """The held-out size of a clean set of ``n`` images; ConfigError when it or the rest is
+        too small."""
+        cfg = self.config
         n_hold = int(round(cfg.holdout * n)) if cfg.selection == "clean" else 0
         if cfg.selection == "clean" and n_hold < MIN_HOLDOUT:
             raise ConfigError(f"selection=clean holds out {n_hold} of the {n} clean images, fewer than "
@@ -452,6 +453,12 @@ class ANP:
             raise ConfigError(f"the clean set leaves {n - n_hold} images to optimise the mask, fewer than one "
                               f"batch of {cfg.batch_size}; lower batch_size (--set batch_size=...) or use more "
                               f"clean images (--n-clean)")
+        return n_hold
+
+    def _split(self, clean_set: CleanSet, key: jax.Array) -> tuple[np.ndarray, np.ndarray]:
+        """(optimisation indices, held-out indices); ConfigError when either is too small."""
+        n = len(clean_set)
+        n_hold = self.check_size(n)
         perm = np.asarray(jax.random.permutation(jax.random.fold_in(key, 0), n))
         return np.sort(perm[n_hold:]), np.sort(perm[:n_hold])
 

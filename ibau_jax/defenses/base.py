@@ -86,6 +86,12 @@ class Defense(Protocol):
     name: ClassVar[str]
     config: Any
 
+    def check_size(self, n: int) -> Any:
+        """Raise ``ConfigError`` when a clean set of ``n`` images is too small for this
+        configuration (one batch, a held-out split); cheap, so callers run it for every setting
+        before any data is read or program compiled. ``run`` calls it too."""
+        ...
+
     def run(self, model: Any, variables: PyTree, clean_set: CleanSet, key: jax.Array, *,
             mesh: Any = None, callback: Callback | None = None) -> DefenseResult: ...
 

@@ -136,14 +136,19 @@ class DeepInspect:
         gen = self.config.epochs * (len(clean_set) // self.config.batch_size)
         return gen + (self._ft().num_steps(clean_set) if self.config.mitigate else 0)
 
-    def _check(self, clean_set: CleanSet) -> None:
-        cfg, n = self.config, len(clean_set)
+    def check_size(self, n: int) -> None:
+        """ConfigError when a clean set of ``n`` images holds less than one generator or
+        fine-tuning batch."""
+        cfg = self.config
         if n < cfg.batch_size:
             raise ConfigError(f"the clean set has {n} images, fewer than one generator batch of {cfg.batch_size}; "
                               f"lower batch_size (--set batch_size=...) or use more clean images")
         if cfg.mitigate and n < cfg.ft_batch_size:
             raise ConfigError(f"the clean set has {n} images, fewer than one fine-tuning batch of "
                               f"{cfg.ft_batch_size}; lower ft_batch_size (--set ft_batch_size=...) or mitigate=false")
+
+    def _check(self, clean_set: CleanSet) -> None:
+        self.check_size(len(clean_set))
         if clean_set.num_classes < 2:
             raise ConfigError(f"DeepInspect compares classes' triggers and needs >= 2 classes, got {clean_set.num_classes}")
 

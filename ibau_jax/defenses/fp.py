@@ -272,7 +272,9 @@ class FinePruning:
     def num_steps(self, clean_set: CleanSet) -> int:
         return self.config.epochs * (self._sizes(len(clean_set))[1] // self.config.batch_size)
 
-    def _check_sizes(self, n: int) -> tuple[int, int]:
+    def check_size(self, n: int) -> tuple[int, int]:
+        """(held-out size, train-part size) of a clean set of ``n`` images; ConfigError when
+        either is too small."""
         cfg = self.config
         hold, train = self._sizes(n)
         if cfg.selection == "holdout" and hold < MIN_HOLDOUT:
@@ -287,7 +289,7 @@ class FinePruning:
             callback=None) -> DefenseResult:
         cfg = self.config
         site = prune_site(model, variables)
-        n_hold, n_train = self._check_sizes(len(clean_set))
+        n_hold, n_train = self.check_size(len(clean_set))
         k_split, k_ft = jax.random.split(key)
         perm = np.asarray(jax.random.permutation(k_split, len(clean_set)))
         x, y = np.asarray(clean_set.x, np.float32), np.asarray(clean_set.y, np.int32)

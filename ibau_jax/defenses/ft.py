@@ -69,13 +69,17 @@ class FineTuning:
     def num_steps(self, clean_set: CleanSet) -> int:
         return self.config.epochs * (len(clean_set) // self.config.batch_size)
 
+    def check_size(self, n: int) -> None:
+        """ConfigError when a clean set of ``n`` images holds less than one batch."""
+        if n < self.config.batch_size:
+            raise ConfigError(f"the clean set has {n} images, fewer than one batch of "
+                              f"{self.config.batch_size}; lower batch_size (--set batch_size=...)")
+
     def run(self, model, variables, clean_set: CleanSet, key: jax.Array, *, mesh: Any = None,
             callback=None) -> DefenseResult:
         cfg = self.config
+        self.check_size(len(clean_set))
         steps = len(clean_set) // cfg.batch_size
-        if steps < 1:
-            raise ConfigError(f"the clean set has {len(clean_set)} images, fewer than one batch of "
-                              f"{cfg.batch_size}; lower batch_size (--set batch_size=...)")
         loop = fine_tune(model, variables, clean_set.x, clean_set.y, key, cfg, on_step=self.on_step, mesh=mesh,
                          callback=callback)
         return DefenseResult(loop.state, loop.history, {"steps_per_epoch": steps,

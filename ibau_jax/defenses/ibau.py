@@ -421,9 +421,16 @@ class IBAU:
         nb = len(clean_set) // self.config.batch_size
         return self.config.rounds * (min(nb, self.config.max_batches) if self.config.max_batches else nb)
 
+    def check_size(self, n: int) -> None:
+        """ConfigError when a clean set of ``n`` images holds less than one batch."""
+        if n < self.config.batch_size:
+            raise ConfigError(f"the clean set has {n} images, fewer than one I-BAU batch of "
+                              f"{self.config.batch_size}; lower batch_size (--set batch_size=...)")
+
     def run(self, model, variables: PyTree, clean_set: CleanSet, key: jax.Array, *, mesh: Any = None,
             callback=None) -> DefenseResult:
         cfg = self.config
+        self.check_size(len(clean_set))
         xb, yb, wb, unused = prepare_batches(clean_set.x, clean_set.y, cfg, mesh)
         masks = seed_masks(seed_of_key(key), cfg.rounds, xb.shape[0], cfg, cfg.mask_rng)
         if wb is not None:

@@ -288,13 +288,17 @@ class NAD:
         """Teacher and student optimiser steps together (the progress bar's total)."""
         return (self.config.teacher_epochs + self.config.epochs) * (len(clean_set) // self.config.batch_size)
 
+    def check_size(self, n: int) -> None:
+        """ConfigError when a clean set of ``n`` images holds less than one batch."""
+        if n < self.config.batch_size:
+            raise ConfigError(f"the clean set has {n} images, fewer than one batch of "
+                              f"{self.config.batch_size}; lower batch_size (--set batch_size=...)")
+
     def run(self, model, variables, clean_set: CleanSet, key: jax.Array, *, mesh: Any = None,
             callback=None) -> DefenseResult:
         cfg = self.config
+        self.check_size(len(clean_set))
         steps = len(clean_set) // cfg.batch_size
-        if steps < 1:
-            raise ConfigError(f"the clean set has {len(clean_set)} images, fewer than one batch of "
-                              f"{cfg.batch_size}; lower batch_size (--set batch_size=...)")
         variables = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
         layers = resolve_layers(cfg, model, variables, np.shape(clean_set.x)[1:])
         xs, ys = np.asarray(clean_set.x, np.float32), np.asarray(clean_set.y, np.int32)

@@ -75,10 +75,16 @@ class NeuralCleanse:
         if clean_set.num_classes < 3:
             raise ConfigError(f"{self.name} compares the trigger sizes of the classes and needs at least 3, "
                               f"got {clean_set.num_classes}")
-        if len(clean_set) < 1:
+        self.check_size(len(clean_set))
+
+    def check_size(self, n: int) -> None:
+        """ConfigError when a clean set of ``n`` images is empty or, with mitigation, holds less
+        than one fine-tuning batch."""
+        cfg = self.config
+        if n < 1:
             raise ConfigError(f"{self.name} needs a non-empty clean set (--n-clean)")
-        if cfg.mitigate and len(clean_set) < cfg.ft_batch_size:
-            raise ConfigError(f"the clean set has {len(clean_set)} images, fewer than one fine-tuning batch of "
+        if cfg.mitigate and n < cfg.ft_batch_size:
+            raise ConfigError(f"the clean set has {n} images, fewer than one fine-tuning batch of "
                               f"{cfg.ft_batch_size}; lower ft_batch_size (--set ft_batch_size=...)")
 
     def run(self, model, variables, clean_set: CleanSet, key: jax.Array, *, mesh: Any = None,

@@ -311,13 +311,17 @@ class SAU:
         """Outer steps of the whole run (for a progress bar)."""
         return self.config.rounds * -(-len(clean_set) // self.config.batch_size)
 
+    def check_size(self, n: int) -> None:
+        """ConfigError when a clean set of ``n`` images holds less than one batch."""
+        if n < self.config.batch_size:
+            raise ConfigError(f"the clean set has {n} images, fewer than one SAU batch of {self.config.batch_size}; "
+                              f"lower batch_size (--set batch_size=...) or give more clean images")
+
     def run(self, model, variables: PyTree, clean_set: CleanSet, key: jax.Array, *, mesh: Any = None,
             callback=None) -> DefenseResult:
         cfg = self.config
         n = len(clean_set)
-        if n < cfg.batch_size:
-            raise ConfigError(f"the clean set has {n} images, fewer than one SAU batch of {cfg.batch_size}; "
-                              f"lower batch_size (--set batch_size=...) or give more clean images")
+        self.check_size(n)
         x = np.asarray(clean_set.x, np.float32)
         if x.size and (x.min() < 0 or x.max() > 1):
             raise ConfigError(f"SAU needs clean images in [0, 1], got values in [{x.min():.3g}, {x.max():.3g}]; "
