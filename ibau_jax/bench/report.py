@@ -229,6 +229,7 @@ def plot_clean_size(s: dict[str, Any], out: Path) -> list[Path]:
     for m in s["models"]:
         lines = {dl: [(n, s["tables"][str(n)].get(m, {}).get(dl)) for n in s["n_clean"]] for dl in s["defenses"]}
         lines = {dl: [(n, v) for n, v in pts if v] for dl, pts in lines.items()}
+        lines = {dl: pts for dl, pts in lines.items() if pts}   # a defense with no finished cell has no legend entry
         if not any(lines.values()):
             continue  # no finished cell of this model yet
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
