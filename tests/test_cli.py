@@ -216,3 +216,11 @@ def test_eval_every_skips_evaluations_but_always_evaluates_the_result(tmp_path, 
     assert [h["round"] for h in res["history"] if "clean_acc" in h] == evaluated_rounds
     assert [h["round"] for h in res["history"]] == [1, 2, 3]
     assert res["after"] == evaluate({"w": 3}) and res["der"] is not None
+
+
+def test_eval_every_below_one_is_refused_before_any_work(tmp_path, capsys):
+    assert cli.main(["defend", "--defense", "ft", "--eval-every", "0", "--dataset", "cifar10",
+                     "--data-dir", str(tmp_path / "none"), "--no-download", "--out", str(tmp_path / "r.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--eval-every must be >= 1, got 0" in err, err
+    assert not (tmp_path / "r.json").exists()

@@ -128,7 +128,7 @@ def preflight(config: BenchConfig, cells: list[grid.Cell]) -> None:
             defenses.get(dspec.defense, **dspec.overrides).check_size(cell.n_clean)
         except ConfigError as e:
             raise ConfigError(f"cell {cell.id} cannot run: {e} (in [defenses.{dspec.label}] of the "
-                                   f"config; nothing was run)") from None
+                              f"config; nothing was run)") from None
 
 
 def _compilation_cache(path: Path) -> None:

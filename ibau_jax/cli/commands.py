@@ -174,15 +174,15 @@ def run_defense(args: argparse.Namespace, defense, exp=None) -> int:
         # a host callback from inside the compiled loop: only when a bar is shown
         defense.on_step = lambda *_: bar.update(1)
 
-    every = getattr(args, "eval_every", 1)
-    evaluated = {"last": 0}
+    every, last_evaluated = args.eval_every, 0
 
     def callback(r: int, variables, record: dict) -> dict | None:
+        nonlocal last_evaluated
         if r % every:  # not this round: the record is kept, the evaluation (10k images on CPU) skipped
             result["history"].append(dict(record))
             return None
         m = evaluate(variables)
-        evaluated["last"] = r
+        last_evaluated = r
         result["history"].append({**record, **m})
         result["after"] = m
         result["der"] = metrics.der(result["before"], m)
@@ -209,7 +209,7 @@ def run_defense(args: argparse.Namespace, defense, exp=None) -> int:
                   diagnostics=res.diagnostics, complete=True)
     if res.flagged_classes is not None:
         result.update(flagged_classes=res.flagged_classes, class_scores=res.class_scores)
-    if result["after"] is None or evaluated["last"] != len(res.history):
+    if result["after"] is None or last_evaluated != len(res.history):
         # a defense without rounds, or a last round that --eval-every skipped: evaluate the result
         result["after"] = evaluate(res.variables)
         result["der"] = metrics.der(result["before"], result["after"])

@@ -96,6 +96,14 @@ class Defense(Protocol):
             mesh: Any = None, callback: Callback | None = None) -> DefenseResult: ...
 
 
+def check_one_batch(n: int, batch_size: int) -> None:
+    """ConfigError when a clean set of ``n`` images holds less than one batch of ``batch_size``
+    (the ``batch_size`` field of a defense that trains on the clean set)."""
+    if n < batch_size:
+        raise ConfigError(f"the clean set has {n} images, fewer than one batch of {batch_size}; "
+                          f"lower batch_size (--set batch_size=...)")
+
+
 def all_finite(tree: PyTree) -> bool:
     return all(bool(np.isfinite(np.asarray(a)).all()) for a in jax.tree.leaves(tree))
 

@@ -17,7 +17,7 @@ import optax
 
 from .. import sharding, training
 from ..errors import ConfigError, check_finite
-from .base import CleanSet, DefenseResult, LoopResult, run_rounds
+from .base import CleanSet, DefenseResult, LoopResult, check_one_batch, run_rounds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,9 +71,7 @@ class FineTuning:
 
     def check_size(self, n: int) -> None:
         """ConfigError when a clean set of ``n`` images holds less than one batch."""
-        if n < self.config.batch_size:
-            raise ConfigError(f"the clean set has {n} images, fewer than one batch of "
-                              f"{self.config.batch_size}; lower batch_size (--set batch_size=...)")
+        check_one_batch(n, self.config.batch_size)
 
     def run(self, model, variables, clean_set: CleanSet, key: jax.Array, *, mesh: Any = None,
             callback=None) -> DefenseResult:

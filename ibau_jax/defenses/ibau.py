@@ -321,6 +321,13 @@ def make_round(model, config: IBAUConfig, on_step: Callable[[jax.Array], None] |
     return jax.jit(round_fn, in_shardings=in_sh, out_shardings=repl)
 
 
+def check_batches(n: int, config: IBAUConfig) -> None:
+    """ConfigError when a clean set of ``n`` images holds less than one I-BAU batch."""
+    if n < config.batch_size:
+        raise ConfigError(f"the clean set has {n} images, fewer than one I-BAU batch of {config.batch_size}; "
+                          f"lower batch_size or give more clean images")
+
+
 def prepare_batches(x: np.ndarray, y: np.ndarray, config: IBAUConfig, mesh: Any = None
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int]:
     """The clean set as I-BAU batches: (xb (B, n', H, W, C), yb (B, n'), wb (B, n') or None, unused).
@@ -332,9 +339,7 @@ def prepare_batches(x: np.ndarray, y: np.ndarray, config: IBAUConfig, mesh: Any 
     examples; otherwise wb is None and n' = batch_size.
     """
     n, bs = len(y), config.batch_size
-    if n < bs:
-        raise ConfigError(f"the clean set has {n} images, fewer than one I-BAU batch of {bs}; "
-                          f"lower batch_size or give more clean images")
+    check_batches(n, config)
     nb = n // bs
     if config.max_batches:
         nb = min(nb, config.max_batches)
@@ -423,14 +428,11 @@ class IBAU:
 
     def check_size(self, n: int) -> None:
         """ConfigError when a clean set of ``n`` images holds less than one batch."""
-        if n < self.config.batch_size:
-            raise ConfigError(f"the clean set has {n} images, fewer than one I-BAU batch of "
-                              f"{self.config.batch_size}; lower batch_size (--set batch_size=...)")
+        check_batches(n, self.config)
 
     def run(self, model, variables: PyTree, clean_set: CleanSet, key: jax.Array, *, mesh: Any = None,
             callback=None) -> DefenseResult:
         cfg = self.config
-        self.check_size(len(clean_set))
         xb, yb, wb, unused = prepare_batches(clean_set.x, clean_set.y, cfg, mesh)
         masks = seed_masks(seed_of_key(key), cfg.rounds, xb.shape[0], cfg, cfg.mask_rng)
         if wb is not None:

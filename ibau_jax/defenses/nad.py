@@ -38,7 +38,7 @@ import optax
 from .. import sharding, training
 from ..errors import ConfigError, UserError, check_finite
 from ..models.features import INTERMEDIATES, sown
-from .base import CleanSet, DefenseResult, run_rounds
+from .base import CleanSet, DefenseResult, check_one_batch, run_rounds
 
 PyTree = Any
 AUTO = "auto"
@@ -290,9 +290,7 @@ class NAD:
 
     def check_size(self, n: int) -> None:
         """ConfigError when a clean set of ``n`` images holds less than one batch."""
-        if n < self.config.batch_size:
-            raise ConfigError(f"the clean set has {n} images, fewer than one batch of "
-                              f"{self.config.batch_size}; lower batch_size (--set batch_size=...)")
+        check_one_batch(n, self.config.batch_size)
 
     def run(self, model, variables, clean_set: CleanSet, key: jax.Array, *, mesh: Any = None,
             callback=None) -> DefenseResult:
