@@ -48,6 +48,15 @@ class Experiment:
     # attack (whose ASR set is k·n_clean images); None means clean_y
     asr_y: np.ndarray | None = None
 
+    def limit_eval(self, n: int) -> "Experiment":
+        """This experiment measured on the first ``n`` accuracy images and the first ``n``
+        triggered images only (quick checks); ``n = 0``: all. The clean set is unchanged."""
+        if not n:
+            return self
+        asr_y = self.clean_y if self.asr_y is None else self.asr_y
+        return dataclasses.replace(self, acc_x=self.acc_x[:n], acc_y=self.acc_y[:n], asr_x=self.asr_x[:n],
+                                   asr_t=self.asr_t[:n], asr_y=asr_y[:n])
+
     def batches(self, batch_size: int, limit: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """The clean set as ``(B, batch_size, H, W, C)`` and ``(B, batch_size)`` batches in the
         original order (a remainder is dropped); only the first ``limit`` when ``limit > 0``."""

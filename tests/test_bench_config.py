@@ -78,9 +78,13 @@ def test_grid_is_the_product_with_stable_ids():
 
 
 def _record(cfg, cell, before, after, seconds=1.0):
+    from ibau_jax.bench import zoo
+
+    dspec = cfg.defense(cell.defense)
     return {"format": records.FORMAT, "cell": cell.id, "fingerprint": cfg.fingerprint, "profile": cfg.profile,
-            "n_clean": cell.n_clean, "seed": cell.seed, "model": {"name": cell.model},
-            "defense": {"label": cell.defense, "name": cfg.defense(cell.defense).defense},
+            "n_clean": cell.n_clean, "seed": cell.seed,
+            "model": {"name": cell.model, "spec": json.loads(json.dumps(zoo.spec_dict(cfg.model(cell.model))))},
+            "defense": {"label": cell.defense, "name": dspec.defense, "overrides": dspec.overrides},
             "before": before, "after": after, "der": 0.5, "ra": after["robust_acc"], "history": [],
             "seconds": seconds, "compile_seconds": 2.0}
 
@@ -97,11 +101,41 @@ def test_results_dir_refuses_other_configs_and_corrupt_records(tmp_path):
     p = records.write_record(d, _record(cfg, cells[0], m, m))
     with pytest.raises(records.ResultsError, match="exists already"):
         records.write_record(d, _record(cfg, cells[0], m, m))
-    assert records.finished(d, cfg.fingerprint).keys() == {cells[0].id}
+    assert records.finished(d).keys() == {cells[0].id}
     p.write_text('{"format": 1, "cell": ')                             # a torn write
     with pytest.raises(records.ResultsError) as e:
-        records.finished(d, cfg.fingerprint)
+        records.finished(d)
     assert str(p) in str(e.value) and "delete it to rerun that cell" in str(e.value)
+    with pytest.raises(records.ResultsError, match="is corrupt"):
+        records.open_results(d, cfg, cells)                             # refused before any work
+
+
+def test_an_edited_config_keeps_the_cells_it_did_not_change_and_names_those_it_did(tmp_path):
+    """Editing a config keeps every finished cell whose model and defense settings are unchanged
+    (the manifest follows the edit); a finished cell whose settings changed is refused by name."""
+    cfg = config.parse(raw())
+    cells = grid.cells(cfg)
+    d = records.open_results(tmp_path / "r", cfg, cells)
+    m = {"clean_acc": 0.9, "asr_all": 0.1, "asr_nontarget": 0.1, "robust_acc": 0.8}
+    a_ft = next(c for c in cells if c.model == "a" and c.defense == "ft")
+    records.write_record(d, _record(cfg, a_ft, m, m))
+    # model b retrained differently, a defense added: a's finished cell stays valid
+    grown = config.parse(raw(models__b__train={"epochs": 3}, defenses__fp={"epochs": 1}))
+    assert grown.fingerprint != cfg.fingerprint
+    records.open_results(d, grown, grid.cells(grown))
+    assert records.read_manifest(d)["fingerprint"] == grown.fingerprint
+    assert report.current_records(d, records.read_manifest(d)).keys() == {a_ft.id}
+    # ft's settings changed: the finished ft cell is named, the manifest is left as it was
+    for changed in (raw(defenses__ft={"epochs": 2}), raw(models__a__target=1)):
+        new = config.parse(changed)
+        with pytest.raises(records.ResultsError) as e:
+            records.open_results(d, new, grid.cells(new))
+        assert a_ft.id in str(e.value) and "delete those records" in str(e.value) and "\n" not in str(e.value)
+        assert records.read_manifest(d)["fingerprint"] == grown.fingerprint
+    # a record whose cell left the config is ignored, not refused
+    fewer = config.parse(raw(defenses={"ibau": {"rounds": 2}}))
+    records.open_results(d, fewer, grid.cells(fewer))
+    assert report.current_records(d, records.read_manifest(d)) == {}
 
 
 def test_report_tables_runtime_reference_and_plot(tmp_path):

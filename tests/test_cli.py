@@ -25,14 +25,16 @@ def test_evaluate_reproduces_reference_figures(capsys):
 
 @pytest.mark.slow
 def test_unlearn_round_removes_backdoor(tmp_path, capsys):
-    """A real faithful round (50 batches, K=5) on the real checkpoint: ASR falls, accuracy holds."""
+    """A real faithful round (50 batches, K=5) on the real checkpoint: ASR falls, accuracy holds
+    (measured on the first 2000 images of each set: --eval-limit)."""
     out = tmp_path / "r.json"
     save = tmp_path / "unlearned.npz"
-    assert cli.main(["unlearn", *_args("--rounds", "1", "--seed", "0", "--out", str(out),
+    assert cli.main(["unlearn", *_args("--rounds", "1", "--seed", "0", "--out", str(out), "--eval-limit", "2000",
                                        "--save", str(save), "--quiet")]) == 0
     res = json.loads(out.read_text())
     assert {"defense", "config", "before", "after", "der", "history", "seconds", "compile_seconds"} <= set(res)
     assert res["defense"] == "ibau" and res["complete"] is True and res["config"]["rounds"] == 1
+    assert res["run"]["eval_limit"] == 2000
     before, after = res["before"], res["history"][0]
     assert res["after"] == {k: after[k] for k in ("clean_acc", "asr_all", "asr_nontarget", "robust_acc")}
     assert res["der"] == pytest.approx((max(0, before["asr_all"] - after["asr_all"])
@@ -49,7 +51,7 @@ def test_unlearn_round_removes_backdoor(tmp_path, capsys):
     from ibau_jax import checkpoints
     _, meta = checkpoints.load_checkpoint(save)
     assert meta["model"] == "small_vgg" and meta["num_classes"] == 10
-    args = _args()
+    args = _args("--eval-limit", "2000")
     args[1] = str(save)
     capsys.readouterr()
     assert cli.main(["evaluate", *args]) == 0
@@ -84,7 +86,7 @@ def test_bad_inputs_give_one_line_errors(tmp_path, capsys):
 def one_device_round(tmp_path_factory):
     """`unlearn` on one device: one round on the first clean batch of 100, seed 3, saved."""
     d = tmp_path_factory.mktemp("one")
-    common = _args("--rounds", "1", "--limit-batches", "1", "--seed", "3", "--quiet")
+    common = _args("--rounds", "1", "--limit-batches", "1", "--seed", "3", "--quiet", "--eval-limit", "1000")
     assert cli.main(["unlearn", *common, "--devices", "1", "--out", str(d / "one.json"),
                      "--save", str(d / "one.npz")]) == 0
     return common, json.loads((d / "one.json").read_text()), d / "one.npz"
@@ -133,7 +135,7 @@ def test_defend_ibau_equals_unlearn(tmp_path, one_device_round):
     common, ra, _ = one_device_round
     b = tmp_path / "b.json"
     assert cli.main(["defend", "--defense", "ibau", "--set", "rounds=1", "--set", "max_batches=1",
-                     *_args("--seed", "3", "--quiet", "--devices", "1", "--out", str(b))]) == 0
+                     *_args("--seed", "3", "--quiet", "--devices", "1", "--out", str(b), "--eval-limit", "1000")]) == 0
     rb = json.loads(b.read_text())
     assert ra["config"] == rb["config"]
     assert ra["after"] == rb["after"] and ra["history"][0]["delta_norm"] == rb["history"][0]["delta_norm"]
@@ -209,7 +211,8 @@ def test_eval_every_skips_evaluations_but_always_evaluates_the_result(tmp_path, 
                                 clean_y=np.zeros(4, np.int32), num_classes=2, target=0, variables={"w": 0}, model=None)
     out = tmp_path / "r.json"
     args = argparse.Namespace(command="defend", devices=None, out=str(out), seed=0, quiet=True, checkpoint=None,
-                              model="m", dataset="digits", attack="badnets", n_clean=4, save=None, eval_every=every)
+                              model="m", dataset="digits", attack="badnets", n_clean=4, save=None, eval_every=every,
+                              eval_limit=0)
     assert run_defense(args, ThreeRounds(), exp=exp) == 0
     res = json.loads(out.read_text())
     assert len(seen) == calls and seen[0] == 0 and seen[-1] == 3      # before ... the final model
@@ -218,9 +221,11 @@ def test_eval_every_skips_evaluations_but_always_evaluates_the_result(tmp_path, 
     assert res["after"] == evaluate({"w": 3}) and res["der"] is not None
 
 
-def test_eval_every_below_one_is_refused_before_any_work(tmp_path, capsys):
-    assert cli.main(["defend", "--defense", "ft", "--eval-every", "0", "--dataset", "cifar10",
+@pytest.mark.parametrize("flag, value, message", [("--eval-every", "0", "--eval-every must be >= 1, got 0"),
+                                                 ("--eval-limit", "-1", "--eval-limit must be >= 0, got -1")])
+def test_eval_flags_out_of_range_are_refused_before_any_work(tmp_path, capsys, flag, value, message):
+    assert cli.main(["defend", "--defense", "ft", flag, value, "--dataset", "cifar10",
                      "--data-dir", str(tmp_path / "none"), "--no-download", "--out", str(tmp_path / "r.json")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "--eval-every must be >= 1, got 0" in err, err
+    assert err.count("\n") == 0 and message in err, err
     assert not (tmp_path / "r.json").exists()

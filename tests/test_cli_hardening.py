@@ -80,7 +80,7 @@ def test_bad_values_are_refused_up_front(argv, needle, tmp_path, capsys, monkeyp
 def test_ctrl_c_stops_at_a_round_boundary_and_marks_the_result(tmp_path):
     out = tmp_path / "r.json"
     cmd = [sys.executable, "-m", "ibau_jax.cli", "defend", "--defense", "ibau", "--set", "rounds=4",
-           "--set", "max_batches=1", *_model_args("--quiet", "--out", str(out))]
+           "--set", "max_batches=1", *_model_args("--quiet", "--out", str(out), "--eval-limit", "500")]
     for wait_for in ("before", "round 1"):
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              env={**os.environ, "PYTHONUNBUFFERED": "1"})

@@ -43,6 +43,25 @@ def test_batches_keep_the_order(exp):
     np.testing.assert_array_equal(yb3.reshape(-1), exp.clean_y[:300])
 
 
+def test_limit_eval_measures_the_first_n_images_of_each_set(exp):
+    """`--eval-limit N`: accuracy on the first N accuracy images, ASR on the first N triggered
+    images, computed here by hand from the full sets' predictions; the clean set is untouched."""
+    import jax.numpy as jnp
+
+    small = exp.limit_eval(300)
+    assert exp.limit_eval(0) is exp
+    np.testing.assert_array_equal(small.clean_x, exp.clean_x)
+    assert small.acc_x.shape[0] == small.asr_x.shape[0] == small.asr_y.shape[0] == 300
+    predict = lambda x: np.asarray(jnp.argmax(exp.model.apply(exp.variables, x), -1))
+    acc = float(np.mean(predict(exp.acc_x[:300]) == exp.acc_y[:300]))
+    hit = predict(exp.asr_x[:300]) == exp.asr_t[:300]
+    m = small.evaluate(exp.variables)
+    assert m["clean_acc"] == pytest.approx(acc, abs=1e-6)
+    assert m["asr_all"] == pytest.approx(float(np.mean(hit)), abs=1e-6)
+    keep = exp.clean_y[:300] != exp.target
+    assert m["asr_nontarget"] == pytest.approx(float(np.mean(hit[keep])), abs=1e-6)
+
+
 def test_file_trigger_and_n_clean():
     e = experiment.load(shared_path(CKPT), data_dir=shared_path(CIFAR_DIR), download=False,
                         attack="trojan_wm", trigger_dir=shared_path(TRIGGERS), n_clean=1000)

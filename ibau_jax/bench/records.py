@@ -8,8 +8,16 @@
 A record: ``{"format", "cell", "fingerprint", "profile", "model" (the zoo entry's spec and
 training record), "defense" (label, name, overrides, full config), "n_clean", "seed",
 "before", "after", "der", "ra", "history", "seconds", "compile_seconds", "wall_seconds",
-"diagnostics", "machine", "versions"}``. A results directory written by another config (other
-fingerprint) is refused; a record that does not parse is an error naming the file and the fix.
+"diagnostics", "machine", "versions"}``.
+
+Identity. A results directory belongs to one config name and profile; another name or profile
+is refused. Within it, a record stays valid while its cell's settings are unchanged: the
+model's spec (``zoo.spec_dict``: attack, target, ratio, architecture, training; not data
+paths), the defense and its overrides, the clean-set size, the seed and the profile
+(``cell_identity``). So a config may gain models or defenses, or change a model no finished
+cell uses, and keep every finished cell; a finished cell whose settings changed is refused by
+name (delete its record to rerun it), never silently mixed in. A record that does not parse
+is an error naming the file and the fix.
 """
 from __future__ import annotations
 
@@ -24,6 +32,7 @@ from .. import results
 from ..errors import UserError
 from .config import BenchConfig
 from .grid import Cell
+from .zoo import spec_dict
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -50,50 +59,81 @@ def manifest(config: BenchConfig, cell_list: list[Cell]) -> dict[str, Any]:
 
 
 def open_results(results_dir: str | os.PathLike, config: BenchConfig, all_cells: list[Cell]) -> Path:
-    """Create ``results_dir`` for ``config`` or check that it was written by the same config
-    (and profile); ResultsError naming both otherwise. Returns the directory."""
+    """Create ``results_dir`` for ``config``, or check that it holds results of the same config
+    name and profile, that every finished record of one of ``all_cells`` was made with that
+    cell's present settings (``check_current``), and then record the present config in the
+    manifest. ResultsError naming the difference otherwise. Returns the directory."""
     d = Path(results_dir)
     results.check_writable(d / MANIFEST, "--results")
     path = d / MANIFEST
     if path.exists():
         old = _read_json(path, "delete it only if the records beside it are yours to rerun, or use a new --results dir")
-        if not isinstance(old, dict) or old.get("fingerprint") != config.fingerprint:
+        if not isinstance(old, dict) or (old.get("name"), old.get("profile")) != (config.name, config.profile):
             name = old.get("name") if isinstance(old, dict) else "?"
             prof = old.get("profile") if isinstance(old, dict) else "?"
-            raise ResultsError(f"{d} holds results of another config ({name!r}, profile {prof}, fingerprint "
-                               f"{old.get('fingerprint') if isinstance(old, dict) else '?'}; this is {config.name!r}, "
-                               f"profile {config.profile}, fingerprint {config.fingerprint}); "
+            raise ResultsError(f"{d} holds results of another config ({name!r}, profile {prof}; this is "
+                               f"{config.name!r}, profile {config.profile}); "
                                "use a new --results dir or the config and --profile that wrote it")
-    else:
-        results.write_atomic(path, results.dumps(manifest(config, all_cells)))
+        check_current(finished(d), config, all_cells)
+        if old.get("fingerprint") == config.fingerprint:
+            (d / RECORDS).mkdir(exist_ok=True)
+            return d
+    results.write_atomic(path, results.dumps(manifest(config, all_cells)))
     (d / RECORDS).mkdir(exist_ok=True)
     return d
+
+
+def _canonical(x: Any) -> str:
+    return json.dumps(x, sort_keys=True)  # TOML and JSON values compare alike (tuples = lists)
+
+
+def cell_identity(config: BenchConfig, cell: Cell) -> str:
+    """What a cell's result depends on, as canonical JSON (see the module docstring)."""
+    dspec = config.defense(cell.defense)
+    return _canonical({"profile": config.profile, "model": spec_dict(config.model(cell.model)),
+                       "defense": dspec.defense, "overrides": dspec.overrides,
+                       "n_clean": cell.n_clean, "seed": cell.seed})
+
+
+def record_identity(rec: dict[str, Any]) -> str:
+    """``cell_identity`` as stored in a record."""
+    m, dfn = rec.get("model") or {}, rec.get("defense") or {}
+    return _canonical({"profile": rec.get("profile"), "model": m.get("spec"), "defense": dfn.get("name"),
+                       "overrides": dfn.get("overrides"), "n_clean": rec.get("n_clean"), "seed": rec.get("seed")})
+
+
+def check_current(recs: dict[str, dict[str, Any]], config: BenchConfig, all_cells: list[Cell]) -> None:
+    """ResultsError naming every record of a cell of ``all_cells`` made with other settings than
+    ``config`` now gives that cell. Records of cells the config no longer has are left alone."""
+    stale = [c.id for c in all_cells if c.id in recs and record_identity(recs[c.id]) != cell_identity(config, c)]
+    if stale:
+        shown = ", ".join(stale[:5]) + (f" and {len(stale) - 5} more" if len(stale) > 5 else "")
+        raise ResultsError(f"{len(stale)} finished cell(s) were run with other model or defense settings than "
+                           f"the config now gives them: {shown}; delete those records (records/CELL.json) "
+                           "to rerun them, or restore the config that made them")
 
 
 def record_path(results_dir: str | os.PathLike, cell: Cell | str) -> Path:
     return Path(results_dir) / RECORDS / f"{cell if isinstance(cell, str) else cell.id}.json"
 
 
-def read_record(path: str | os.PathLike, fingerprint: str | None = None) -> dict[str, Any]:
-    """One record; ResultsError naming the file and the fix when it is corrupt or another config's."""
+def read_record(path: str | os.PathLike) -> dict[str, Any]:
+    """One record; ResultsError naming the file and the fix when it is corrupt."""
     path = Path(path)
     fix = "delete it to rerun that cell"
     rec = _read_json(path, fix)
     if not isinstance(rec, dict) or rec.get("format") != FORMAT or rec.get("cell") != path.stem \
             or not isinstance(rec.get("after"), dict):
         raise ResultsError(f"{path} is not a complete bench record of cell {path.stem!r}; {fix}")
-    if fingerprint is not None and rec.get("fingerprint") != fingerprint:
-        raise ResultsError(f"{path} was written by another config (fingerprint {rec.get('fingerprint')}, "
-                           f"expected {fingerprint}); {fix}")
     return rec
 
 
-def finished(results_dir: str | os.PathLike, fingerprint: str | None = None) -> dict[str, dict[str, Any]]:
-    """Every record in ``results_dir`` by cell id (each one read and checked)."""
+def finished(results_dir: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """Every record in ``results_dir`` by cell id (each one read and checked for corruption)."""
     d = Path(results_dir) / RECORDS
     if not d.is_dir():
         return {}
-    return {p.stem: read_record(p, fingerprint) for p in sorted(d.glob("*.json"))}
+    return {p.stem: read_record(p) for p in sorted(d.glob("*.json"))}
 
 
 def write_record(results_dir: str | os.PathLike, record: dict[str, Any]) -> Path:

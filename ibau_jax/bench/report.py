@@ -252,13 +252,26 @@ def plot_clean_size(s: dict[str, Any], out: Path) -> list[Path]:
     return paths
 
 
+def current_records(results_dir: Path, manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The records of the manifest's cells, each checked against the settings the manifest's
+    config gives its cell (``records.check_current``); records of other cells are ignored."""
+    from . import config, grid
+
+    cfg = config.parse(manifest["config"], profile=manifest.get("profile", "full"),
+                       source=str(Path(results_dir) / records.MANIFEST))
+    ids = {c["id"] for c in manifest["cells"]}
+    recs = {k: r for k, r in records.finished(results_dir).items() if k in ids}
+    records.check_current(recs, cfg, grid.cells(cfg))
+    return recs
+
+
 def write(results_dir: str | os.PathLike, *, out: str | os.PathLike | None = None,
           references: list[str] | None = None) -> list[Path]:
     """Write report.md, report.json and the plots for ``results_dir``; the paths written."""
     d = Path(results_dir)
     manifest = records.read_manifest(d)
     refs = [r for p in references or [] for r in read_reference(p)]
-    recs = records.finished(d, manifest["fingerprint"])
+    recs = current_records(d, manifest)
     manifest = {**manifest, "_status": records.read_status(d)}
     s = summarize(manifest, recs)
     out = Path(out) if out else d / "report"

@@ -37,7 +37,7 @@ def cell_args(spec: ModelSpec, entry: zoo.ZooModel, cell: grid.Cell, out: Path, 
     a = argparse.Namespace(command="bench", dataset=spec.dataset, data_dir=spec.data_dir, trigger_dir=spec.trigger_dir,
                            attack=spec.attack, target=spec.target, n_clean=cell.n_clean, no_download=True,
                            data_source="auto", seed=cell.seed, out=str(out), save=None, quiet=True, devices=None,
-                           eval_every=eval_every)
+                           eval_every=eval_every, eval_limit=0)
     if entry.run_dir is not None and spec.dataset != "digits":
         a.model, a.checkpoint = str(entry.run_dir), None   # resolved like `defend --model RUN_DIR`
     else:
@@ -154,7 +154,7 @@ def run(config: BenchConfig, results_dir: str | Path, *, commands: Commands, tra
     all_cells = grid.cells(config)
     d = records.open_results(results_dir, config, all_cells)
     _compilation_cache(d / records.WORK / "xla_cache")
-    done = records.finished(d, config.fingerprint)
+    done = {k: v for k, v in records.finished(d).items() if k in {c.id for c in all_cells}}
     todo = [c for c in grid.cells(config, selected=True) if c.id not in done]
     preflight(config, todo)   # before any zoo training or cell
     status = {k: v for k, v in records.read_status(d).items() if k not in {c.id for c in todo}}

@@ -32,8 +32,8 @@ def validate(args: argparse.Namespace) -> None:
     flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
     for name, low in (("rounds", 1), ("limit_batches", 0), ("devices", 1), ("n_clean", 1), ("seed", 0),
                       ("K", 1), ("batch_size", 1), ("num_seeds", 1), ("chunk", 1), ("epochs", 1),
-                      ("train_limit", 0), ("eval_every", 1), ("target", 0), ("n_train", 1), ("n_test", 1),
-                      ("ibau_batch_size", 1), ("train_batch_size", 1), ("num_processes", 1), ("process_id", 0)):
+                      ("train_limit", 0), ("eval_every", 1), ("eval_limit", 0), ("target", 0), ("n_train", 1),
+                      ("n_test", 1), ("ibau_batch_size", 1), ("train_batch_size", 1), ("num_processes", 1), ("process_id", 0)):
         for v in _values(args, name):
             if v < low:
                 raise ConfigError(f"{flag(name)} must be >= {low}, got {v}")
@@ -98,14 +98,16 @@ def resolve_run_dir(args: argparse.Namespace) -> int:
 
 
 def load_experiment(args: argparse.Namespace):
-    """``experiment.load`` with the common flags (``--model RUN_DIR`` resolved first)."""
+    """``experiment.load`` with the common flags (``--model RUN_DIR`` resolved first), measured
+    on the first ``--eval-limit`` images when that is set."""
     from .. import experiment
 
     attack_seed = resolve_run_dir(args)
-    return experiment.load(args.checkpoint, dataset=args.dataset, data_dir=args.data_dir, model=args.model,
-                           attack=args.attack, target=args.target, trigger_dir=args.trigger_dir,
-                           n_clean=args.n_clean, download=not args.no_download,
-                           data_source=getattr(args, "data_source", "auto"), attack_seed=attack_seed)
+    exp = experiment.load(args.checkpoint, dataset=args.dataset, data_dir=args.data_dir, model=args.model,
+                          attack=args.attack, target=args.target, trigger_dir=args.trigger_dir,
+                          n_clean=args.n_clean, download=not args.no_download,
+                          data_source=getattr(args, "data_source", "auto"), attack_seed=attack_seed)
+    return exp.limit_eval(args.eval_limit)
 
 
 def _fmt(m: dict[str, Any]) -> str:
@@ -159,8 +161,8 @@ def run_defense(args: argparse.Namespace, defense, exp=None) -> int:
         "defense": defense.name, "config": dataclasses.asdict(defense.config),
         "run": {"checkpoint": str(args.checkpoint), "model": args.model, "dataset": args.dataset,
                 "attack": args.attack, "target": exp.target, "seed": args.seed, "n_clean": args.n_clean,
-                "jax_backend": jax.default_backend(), "devices": sharding.num_devices(mesh),
-                "processes": jax.process_count(), "command": args.command},
+                "eval_limit": args.eval_limit, "jax_backend": jax.default_backend(),
+                "devices": sharding.num_devices(mesh), "processes": jax.process_count(), "command": args.command},
         "before": evaluate(exp.variables), "after": None, "der": None, "history": [],
         "seconds": None, "compile_seconds": None, "complete": False, "interrupted": False}
     print(f"before    {_fmt(result['before'])}", flush=True)
@@ -289,8 +291,8 @@ def _sweep_defense(args: argparse.Namespace) -> int:
     records = sweep.sweep_defense(args.defense, base, grid, seeds, run_one, on_run=done)
     result = {"config": {"defense": args.defense, "checkpoint": str(args.checkpoint), "model": args.model,
                          "dataset": args.dataset, "attack": args.attack, "target": exp.target, "seeds": seeds,
-                         "n_clean": args.n_clean, "overrides": base, "devices": sharding.num_devices(mesh),
-                         "processes": jax.process_count(), "jax_backend": jax.default_backend(),
+                         "n_clean": args.n_clean, "eval_limit": args.eval_limit, "overrides": base,
+                         "devices": sharding.num_devices(mesh), "processes": jax.process_count(), "jax_backend": jax.default_backend(),
                          "seconds": round(time.perf_counter() - t0, 3)},
               "before": exp.evaluate(exp.variables, mesh), "swept": sorted(grid), "records": records}
     table = sweep.sweep_markdown(result)
@@ -346,7 +348,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                          "defense": "ibau", "attack": args.attack, "target": exp.target, "rounds": args.rounds,
                          "seeds": seeds,
                          "mask_rng": args.mask_rng, "chunk": args.chunk, "strategy": args.strategy,
-                         "n_clean": args.n_clean, "num_batches": int(xb.shape[0]), "preset": args.preset,
+                         "n_clean": args.n_clean, "eval_limit": args.eval_limit,
+                         "num_batches": int(xb.shape[0]), "preset": args.preset,
                          "ibau": dataclasses.asdict(config), "devices": sharding.num_devices(mesh),
                          "processes": jax.process_count(), "jax_backend": jax.default_backend(),
                          "seconds": round(time.perf_counter() - t0, 3)},

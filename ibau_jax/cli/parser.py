@@ -59,6 +59,9 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", type=int, default=None, help="the backdoor's target class (default 8 or RUN_DIR's)")
     p.add_argument("--n-clean", type=int, default=5000,
                    help="test images 0..n-1 are the defender's clean set, the rest measure accuracy")
+    p.add_argument("--eval-limit", type=int, default=0,
+                   help="measure accuracy and ASR on the first N images of each set only (quick checks; "
+                        "0 = all, the default; the result records it)")
 
 
 def _device_flags(p: argparse.ArgumentParser) -> None:
