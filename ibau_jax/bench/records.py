@@ -61,8 +61,8 @@ def manifest(config: BenchConfig, cell_list: list[Cell]) -> dict[str, Any]:
 def open_results(results_dir: str | os.PathLike, config: BenchConfig, all_cells: list[Cell]) -> Path:
     """Create ``results_dir`` for ``config``, or check that it holds results of the same config
     name and profile, that every finished record of one of ``all_cells`` was made with that
-    cell's present settings (``check_current``), and then record the present config in the
-    manifest. ResultsError naming the difference otherwise. Returns the directory."""
+    cell's present settings (``check_current``), and then record the present config (and the
+    path it was read from) in the manifest. ResultsError naming the difference otherwise. Returns the directory."""
     d = Path(results_dir)
     results.check_writable(d / MANIFEST, "--results")
     path = d / MANIFEST
@@ -75,7 +75,7 @@ def open_results(results_dir: str | os.PathLike, config: BenchConfig, all_cells:
                                f"{config.name!r}, profile {config.profile}); "
                                "use a new --results dir or the config and --profile that wrote it")
         check_current(finished(d), config, all_cells)
-        if old.get("fingerprint") == config.fingerprint:
+        if (old.get("fingerprint"), old.get("source")) == (config.fingerprint, config.source):
             (d / RECORDS).mkdir(exist_ok=True)
             return d
     results.write_atomic(path, results.dumps(manifest(config, all_cells)))

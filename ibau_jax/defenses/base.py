@@ -96,12 +96,16 @@ class Defense(Protocol):
             mesh: Any = None, callback: Callback | None = None) -> DefenseResult: ...
 
 
-def check_one_batch(n: int, batch_size: int) -> None:
-    """ConfigError when a clean set of ``n`` images holds less than one batch of ``batch_size``
-    (the ``batch_size`` field of a defense that trains on the clean set)."""
+def check_one_batch(n: int, batch_size: int, *, kind: str = "", field: str = "batch_size",
+                    other: str = "use more clean images (--n-clean)") -> None:
+    """ConfigError when a clean set of ``n`` images holds less than one batch of ``batch_size``.
+
+    ``kind`` names the batch where a defense has several ("SAU", "fine-tuning"), ``field`` the
+    config field that sets its size, ``other`` the alternative fix."""
     if n < batch_size:
-        raise ConfigError(f"the clean set has {n} images, fewer than one batch of {batch_size}; "
-                          f"lower batch_size (--set batch_size=...)")
+        batch = f"{kind} batch" if kind else "batch"
+        raise ConfigError(f"the clean set has {n} images, fewer than one {batch} of {batch_size}; "
+                          f"lower {field} (--set {field}=...) or {other}")
 
 
 def all_finite(tree: PyTree) -> bool:

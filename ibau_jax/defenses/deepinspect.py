@@ -44,7 +44,7 @@ import optax
 from .. import sharding
 from ..errors import ConfigError, check_finite
 from . import anomaly, patching
-from .base import CleanSet, DefenseResult, run_rounds
+from .base import CleanSet, DefenseResult, check_one_batch, run_rounds
 from .ft import FineTuning
 from .trigger_generator import TriggerGenerator
 
@@ -140,12 +140,10 @@ class DeepInspect:
         """ConfigError when a clean set of ``n`` images holds less than one generator or
         fine-tuning batch."""
         cfg = self.config
-        if n < cfg.batch_size:
-            raise ConfigError(f"the clean set has {n} images, fewer than one generator batch of {cfg.batch_size}; "
-                              f"lower batch_size (--set batch_size=...) or use more clean images")
-        if cfg.mitigate and n < cfg.ft_batch_size:
-            raise ConfigError(f"the clean set has {n} images, fewer than one fine-tuning batch of "
-                              f"{cfg.ft_batch_size}; lower ft_batch_size (--set ft_batch_size=...) or mitigate=false")
+        check_one_batch(n, cfg.batch_size, kind="generator")
+        if cfg.mitigate:
+            check_one_batch(n, cfg.ft_batch_size, kind="fine-tuning", field="ft_batch_size",
+                            other="detect only (--set mitigate=false)")
 
     def _check(self, clean_set: CleanSet) -> None:
         self.check_size(len(clean_set))

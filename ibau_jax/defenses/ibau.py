@@ -32,7 +32,7 @@ import optax
 
 from .. import hypergrad, sharding
 from ..errors import ConfigError, check_finite
-from .base import CleanSet, DefenseResult, run_rounds
+from .base import CleanSet, DefenseResult, check_one_batch, run_rounds
 
 PyTree = Any
 LogitsFn = Callable[[PyTree, jax.Array], jax.Array]  # (params, x (N,H,W,C)) -> logits (N, classes)
@@ -323,9 +323,7 @@ def make_round(model, config: IBAUConfig, on_step: Callable[[jax.Array], None] |
 
 def check_batches(n: int, config: IBAUConfig) -> None:
     """ConfigError when a clean set of ``n`` images holds less than one I-BAU batch."""
-    if n < config.batch_size:
-        raise ConfigError(f"the clean set has {n} images, fewer than one I-BAU batch of {config.batch_size}; "
-                          f"lower batch_size or give more clean images")
+    check_one_batch(n, config.batch_size, kind="I-BAU")
 
 
 def prepare_batches(x: np.ndarray, y: np.ndarray, config: IBAUConfig, mesh: Any = None

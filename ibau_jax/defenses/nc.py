@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import ConfigError, check_finite
 from . import anomaly, patching, trigger_inversion
-from .base import CleanSet, DefenseResult
+from .base import CleanSet, DefenseResult, check_one_batch
 from .ft import FineTuning
 from .patching import PatchingConfig
 from .trigger_inversion import Regularizer, SearchConfig
@@ -83,9 +83,9 @@ class NeuralCleanse:
         cfg = self.config
         if n < 1:
             raise ConfigError(f"{self.name} needs a non-empty clean set (--n-clean)")
-        if cfg.mitigate and n < cfg.ft_batch_size:
-            raise ConfigError(f"the clean set has {n} images, fewer than one fine-tuning batch of "
-                              f"{cfg.ft_batch_size}; lower ft_batch_size (--set ft_batch_size=...)")
+        if cfg.mitigate:
+            check_one_batch(n, cfg.ft_batch_size, kind="fine-tuning", field="ft_batch_size",
+                            other="detect only (--set mitigate=false)")
 
     def run(self, model, variables, clean_set: CleanSet, key: jax.Array, *, mesh: Any = None,
             callback=None) -> DefenseResult:

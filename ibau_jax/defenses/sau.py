@@ -47,7 +47,7 @@ import optax
 
 from .. import sharding
 from ..errors import ConfigError, check_finite
-from .base import CleanSet, DefenseResult, run_rounds
+from .base import CleanSet, DefenseResult, check_one_batch, run_rounds
 
 PyTree = Any
 LogitsFn = Callable[[PyTree, jax.Array], jax.Array]  # (params, x (N,H,W,C)) -> logits (N, classes)
@@ -313,9 +313,7 @@ class SAU:
 
     def check_size(self, n: int) -> None:
         """ConfigError when a clean set of ``n`` images holds less than one batch."""
-        if n < self.config.batch_size:
-            raise ConfigError(f"the clean set has {n} images, fewer than one SAU batch of {self.config.batch_size}; "
-                              f"lower batch_size (--set batch_size=...) or give more clean images")
+        check_one_batch(n, self.config.batch_size, kind="SAU")
 
     def run(self, model, variables: PyTree, clean_set: CleanSet, key: jax.Array, *, mesh: Any = None,
             callback=None) -> DefenseResult:
