@@ -61,8 +61,9 @@ def manifest(config: BenchConfig, cell_list: list[Cell]) -> dict[str, Any]:
 def open_results(results_dir: str | os.PathLike, config: BenchConfig, all_cells: list[Cell]) -> Path:
     """Create ``results_dir`` for ``config``, or check that it holds results of the same config
     name and profile, that every finished record of one of ``all_cells`` was made with that
-    cell's present settings (``check_current``), and then record the present config (and the
-    path it was read from) in the manifest. ResultsError naming the difference otherwise. Returns the directory."""
+    cell's present settings (``current``), and then record the present config (and the path it
+    was read from) in the manifest. ResultsError naming the difference otherwise. Returns the
+    directory."""
     d = Path(results_dir)
     results.check_writable(d / MANIFEST, "--results")
     path = d / MANIFEST
@@ -74,7 +75,7 @@ def open_results(results_dir: str | os.PathLike, config: BenchConfig, all_cells:
             raise ResultsError(f"{d} holds results of another config ({name!r}, profile {prof}; this is "
                                f"{config.name!r}, profile {config.profile}); "
                                "use a new --results dir or the config and --profile that wrote it")
-        check_current(finished(d), config, all_cells)
+        current(d, config, all_cells)
         if (old.get("fingerprint"), old.get("source")) == (config.fingerprint, config.source):
             (d / RECORDS).mkdir(exist_ok=True)
             return d
@@ -102,15 +103,19 @@ def record_identity(rec: dict[str, Any]) -> str:
                        "overrides": dfn.get("overrides"), "n_clean": rec.get("n_clean"), "seed": rec.get("seed")})
 
 
-def check_current(recs: dict[str, dict[str, Any]], config: BenchConfig, all_cells: list[Cell]) -> None:
-    """ResultsError naming every record of a cell of ``all_cells`` made with other settings than
-    ``config`` now gives that cell. Records of cells the config no longer has are left alone."""
+def current(results_dir: str | os.PathLike, config: BenchConfig, all_cells: list[Cell]) -> dict[str, dict[str, Any]]:
+    """The finished records of ``all_cells`` by cell id, each checked to be made with the settings
+    ``config`` now gives its cell: ResultsError naming every one that was not. Records of cells
+    the config no longer has are left alone (and left out)."""
+    ids = {c.id for c in all_cells}
+    recs = {k: r for k, r in finished(results_dir).items() if k in ids}
     stale = [c.id for c in all_cells if c.id in recs and record_identity(recs[c.id]) != cell_identity(config, c)]
     if stale:
         shown = ", ".join(stale[:5]) + (f" and {len(stale) - 5} more" if len(stale) > 5 else "")
         raise ResultsError(f"{len(stale)} finished cell(s) were run with other model or defense settings than "
                            f"the config now gives them: {shown}; delete those records (records/CELL.json) "
                            "to rerun them, or restore the config that made them")
+    return recs
 
 
 def record_path(results_dir: str | os.PathLike, cell: Cell | str) -> Path:

@@ -254,15 +254,12 @@ def plot_clean_size(s: dict[str, Any], out: Path) -> list[Path]:
 
 def current_records(results_dir: Path, manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The records of the manifest's cells, each checked against the settings the manifest's
-    config gives its cell (``records.check_current``); records of other cells are ignored."""
+    config gives its cell (``records.current``); records of other cells are ignored."""
     from . import config, grid
 
     cfg = config.parse(manifest["config"], profile=manifest.get("profile", "full"),
                        source=str(Path(results_dir) / records.MANIFEST))
-    ids = {c["id"] for c in manifest["cells"]}
-    recs = {k: r for k, r in records.finished(results_dir).items() if k in ids}
-    records.check_current(recs, cfg, grid.cells(cfg))
-    return recs
+    return records.current(results_dir, cfg, grid.cells(cfg))
 
 
 def write(results_dir: str | os.PathLike, *, out: str | os.PathLike | None = None,

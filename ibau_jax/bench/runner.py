@@ -154,7 +154,7 @@ def run(config: BenchConfig, results_dir: str | Path, *, commands: Commands, tra
     all_cells = grid.cells(config)
     d = records.open_results(results_dir, config, all_cells)
     _compilation_cache(d / records.WORK / "xla_cache")
-    done = {k: v for k, v in records.finished(d).items() if k in {c.id for c in all_cells}}
+    done = records.current(d, config, all_cells)
     todo = [c for c in grid.cells(config, selected=True) if c.id not in done]
     preflight(config, todo)   # before any zoo training or cell
     status = {k: v for k, v in records.read_status(d).items() if k not in {c.id for c in todo}}

@@ -33,7 +33,8 @@ def validate(args: argparse.Namespace) -> None:
     for name, low in (("rounds", 1), ("limit_batches", 0), ("devices", 1), ("n_clean", 1), ("seed", 0),
                       ("K", 1), ("batch_size", 1), ("num_seeds", 1), ("chunk", 1), ("epochs", 1),
                       ("train_limit", 0), ("eval_every", 1), ("eval_limit", 0), ("target", 0), ("n_train", 1),
-                      ("n_test", 1), ("ibau_batch_size", 1), ("train_batch_size", 1), ("num_processes", 1), ("process_id", 0)):
+                      ("n_test", 1), ("ibau_batch_size", 1), ("train_batch_size", 1), ("num_processes", 1),
+                      ("process_id", 0)):
         for v in _values(args, name):
             if v < low:
                 raise ConfigError(f"{flag(name)} must be >= {low}, got {v}")
@@ -292,7 +293,8 @@ def _sweep_defense(args: argparse.Namespace) -> int:
     result = {"config": {"defense": args.defense, "checkpoint": str(args.checkpoint), "model": args.model,
                          "dataset": args.dataset, "attack": args.attack, "target": exp.target, "seeds": seeds,
                          "n_clean": args.n_clean, "eval_limit": args.eval_limit, "overrides": base,
-                         "devices": sharding.num_devices(mesh), "processes": jax.process_count(), "jax_backend": jax.default_backend(),
+                         "devices": sharding.num_devices(mesh), "processes": jax.process_count(),
+                         "jax_backend": jax.default_backend(),
                          "seconds": round(time.perf_counter() - t0, 3)},
               "before": exp.evaluate(exp.variables, mesh), "swept": sorted(grid), "records": records}
     table = sweep.sweep_markdown(result)
