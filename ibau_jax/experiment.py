@@ -65,14 +65,15 @@ class Experiment:
         xb, yb = data.batches(self.clean_x, batch_size), data.batches(self.clean_y, batch_size)
         return (xb[:limit], yb[:limit]) if limit else (xb, yb)
 
-    def evaluate(self, variables: Any, mesh: Any = None) -> dict[str, float]:
+    def evaluate(self, variables: Any, mesh: Any = None, per_class: bool = False) -> dict[str, Any]:
         """``{'clean_acc', 'asr_all', 'asr_nontarget', 'robust_acc'}`` of ``variables``, sharded
-        over ``mesh`` (``sharding.mesh_for``; any device count) when given."""
+        over ``mesh`` (``sharding.mesh_for``; any device count) when given; ``per_class`` adds
+        ``'class_acc'`` (accuracy within each class of the accuracy set, ``metrics.class_accuracy``)."""
         from . import metrics
 
         asr_y = self.clean_y if self.asr_y is None else self.asr_y
         return metrics.evaluate(self.model.apply, variables, self.acc_x, self.acc_y, self.asr_x, self.asr_t,
-                                asr_y, mesh=mesh)
+                                asr_y, mesh=mesh, num_classes=self.num_classes if per_class else 0)
 
 
 def load_test_set(dataset: str, data_dir: str | os.PathLike | None, download: bool = True,

@@ -66,6 +66,15 @@ def accuracy(preds: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(np.asarray(preds) == np.asarray(labels)))
 
 
+def class_accuracy(preds: np.ndarray, labels: np.ndarray, num_classes: int) -> list[float | None]:
+    """Accuracy within each true class: entry c = mean(preds[labels == c] == c), None for a class
+    with no image. preds, labels: (N,) ints in [0, num_classes)."""
+    preds, labels = np.asarray(preds), np.asarray(labels)
+    right = np.bincount(labels[preds == labels], minlength=num_classes)
+    total = np.bincount(labels, minlength=num_classes)
+    return [float(r / t) if t else None for r, t in zip(right, total)]
+
+
 def attack_success(preds: np.ndarray, targets: np.ndarray, true_labels: np.ndarray) -> dict[str, float]:
     """ASR and robust accuracy of predictions on triggered images.
 
@@ -83,11 +92,15 @@ def attack_success(preds: np.ndarray, targets: np.ndarray, true_labels: np.ndarr
 
 def evaluate(apply_fn: ApplyFn, variables: Any, acc_x: np.ndarray, acc_y: np.ndarray, asr_x: np.ndarray,
              asr_targets: np.ndarray, asr_true: np.ndarray, batch_size: int = 500,
-             mesh: Any = None) -> dict[str, float]:
+             mesh: Any = None, num_classes: int = 0) -> dict[str, Any]:
     """``{'clean_acc', 'asr_all', 'asr_nontarget', 'robust_acc'}`` of a model on an accuracy set
-    and a triggered set (``asr_true``: the triggered images' true labels)."""
-    out = {"clean_acc": accuracy(predict(apply_fn, variables, acc_x, batch_size, mesh), acc_y)}
+    and a triggered set (``asr_true``: the triggered images' true labels); with ``num_classes``
+    also ``'class_acc'``, the accuracy set's ``class_accuracy``."""
+    preds = predict(apply_fn, variables, acc_x, batch_size, mesh)
+    out: dict[str, Any] = {"clean_acc": accuracy(preds, acc_y)}
     out.update(attack_success(predict(apply_fn, variables, asr_x, batch_size, mesh), asr_targets, asr_true))
+    if num_classes:
+        out["class_acc"] = class_accuracy(preds, acc_y, num_classes)
     return out
 
 

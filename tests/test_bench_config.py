@@ -92,7 +92,7 @@ def _record(cfg, cell, before, after, seconds=1.0):
 def test_results_dir_refuses_other_configs_and_corrupt_records(tmp_path):
     cfg = config.parse(raw())
     cells = grid.cells(cfg)
-    d = records.open_results(tmp_path / "r", cfg, cells)
+    d, _ = records.open_results(tmp_path / "r", cfg, cells)
     records.open_results(d, cfg, cells)                                  # same config: fine
     with pytest.raises(records.ResultsError, match="another config") as e:
         records.open_results(d, config.parse(raw(), profile="cpu"), cells)
@@ -115,14 +115,14 @@ def test_an_edited_config_keeps_the_cells_it_did_not_change_and_names_those_it_d
     (the manifest follows the edit); a finished cell whose settings changed is refused by name."""
     cfg = config.parse(raw())
     cells = grid.cells(cfg)
-    d = records.open_results(tmp_path / "r", cfg, cells)
+    d, _ = records.open_results(tmp_path / "r", cfg, cells)
     m = {"clean_acc": 0.9, "asr_all": 0.1, "asr_nontarget": 0.1, "robust_acc": 0.8}
     a_ft = next(c for c in cells if c.model == "a" and c.defense == "ft")
     records.write_record(d, _record(cfg, a_ft, m, m))
     # model b retrained differently, a defense added: a's finished cell stays valid
     grown = config.parse(raw(models__b__train={"epochs": 3}, defenses__fp={"epochs": 1}))
     assert grown.fingerprint != cfg.fingerprint
-    records.open_results(d, grown, grid.cells(grown))
+    assert records.open_results(d, grown, grid.cells(grown))[1].keys() == {a_ft.id}
     assert records.read_manifest(d)["fingerprint"] == grown.fingerprint
     assert report.current_records(d, records.read_manifest(d)).keys() == {a_ft.id}
     # ft's settings changed: the finished ft cell is named, the manifest is left as it was
@@ -134,14 +134,14 @@ def test_an_edited_config_keeps_the_cells_it_did_not_change_and_names_those_it_d
         assert records.read_manifest(d)["fingerprint"] == grown.fingerprint
     # a record whose cell left the config is ignored, not refused
     fewer = config.parse(raw(defenses={"ibau": {"rounds": 2}}))
-    records.open_results(d, fewer, grid.cells(fewer))
+    assert records.open_results(d, fewer, grid.cells(fewer))[1] == {}
     assert report.current_records(d, records.read_manifest(d)) == {}
 
 
 def test_report_tables_runtime_reference_and_plot(tmp_path):
     cfg = config.parse(raw(defenses__fp={"epochs": 1}))
     cells = grid.cells(cfg)
-    d = records.open_results(tmp_path / "r", cfg, cells)
+    d, _ = records.open_results(tmp_path / "r", cfg, cells)
     before = {"clean_acc": 0.94, "asr_all": 0.88, "asr_nontarget": 0.87, "robust_acc": 0.12}
     # model a, n 300: ibau seeds 0/1 -> acc 0.86/0.88 (mean 0.87), ft seed 0 only; ibau 10 s, ft 40 s
     done = {("a", "ibau", 300, 0): (0.86, 0.08, 10.0), ("a", "ibau", 300, 1): (0.88, 0.06, 10.0),
@@ -189,7 +189,7 @@ def test_cli_bad_inputs_exit_2_with_one_line(tmp_path, capsys):
     assert "no manifest.json" in capsys.readouterr().err
     (tmp_path / "x.csv").write_text("a,b\n1,2\n")
     cfg = config.parse(raw())
-    d = records.open_results(tmp_path / "r2", cfg, grid.cells(cfg))
+    d, _ = records.open_results(tmp_path / "r2", cfg, grid.cells(cfg))
     assert main(["report", str(d), "--reference", str(tmp_path / "x.csv")]) == 2
     assert "needs a header" in capsys.readouterr().err
     assert issubclass(records.ResultsError, UserError) and issubclass(report.ReferenceError, UserError)

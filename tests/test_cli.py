@@ -1,6 +1,7 @@
 """End-to-end: the CLI on the authors' checkpoint and the real CIFAR-10 test set."""
 import json
 
+import numpy as np
 import pytest
 
 from ibau_jax import cli
@@ -51,12 +52,17 @@ def test_unlearn_round_removes_backdoor(tmp_path, capsys):
     from ibau_jax import checkpoints
     _, meta = checkpoints.load_checkpoint(save)
     assert meta["model"] == "small_vgg" and meta["num_classes"] == 10
-    args = _args("--eval-limit", "2000")
+    args = _args("--eval-limit", "2000", "--per-class")
     args[1] = str(save)
     capsys.readouterr()
     assert cli.main(["evaluate", *args]) == 0
     m = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert m["clean_acc"] == after["clean_acc"] and m["asr_all"] == after["asr_all"]
+    # --per-class: the class accuracies weighted by the class counts of the 2000 images give clean_acc
+    from ibau_jax.data import load_cifar10
+    counts = np.bincount(load_cifar10(shared_path(CIFAR_DIR), split="test", download=False).y[5000:7000], minlength=10)
+    assert len(m["class_acc"]) == 10
+    assert np.dot(m["class_acc"], counts) / 2000 == pytest.approx(m["clean_acc"], abs=1e-9)
 
 
 def test_bad_inputs_give_one_line_errors(tmp_path, capsys):

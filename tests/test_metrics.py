@@ -51,3 +51,17 @@ def test_evaluate_returns_all_four_metrics():
     m = metrics.evaluate(_linear_apply, w, x, y, x, np.zeros(7, int), y, batch_size=4)
     assert set(m) == set(metrics.METRICS) and m["clean_acc"] == 1.0
     assert m["robust_acc"] == 1.0  # every non-target image keeps its true label
+
+
+def test_class_accuracy_by_hand_and_in_evaluate():
+    preds = np.array([0, 1, 1, 2, 0, 2])
+    labels = np.array([0, 1, 0, 2, 0, 1])
+    # class 0: images 0, 2, 4 -> right at 0 and 4; class 1: 1, 5 -> right at 1; class 2: 3 -> right; class 3: none
+    assert metrics.class_accuracy(preds, labels, 4) == [2 / 3, 1 / 2, 1.0, None]
+    w = np.eye(12, 5, dtype=np.float32)
+    x = np.random.default_rng(2).random((9, 2, 2, 3)).astype(np.float32)
+    pred = np.argmax(x.reshape(9, -1) @ w, -1)
+    y = np.where(np.arange(9) % 3 == 0, (pred + 1) % 5, pred)       # images 0, 3, 6 wrong
+    m = metrics.evaluate(_linear_apply, w, x, y, x, np.zeros(9, int), y, batch_size=4, num_classes=5)
+    assert m["class_acc"] == metrics.class_accuracy(pred, y, 5) and m["clean_acc"] == 6 / 9
+    assert "class_acc" not in metrics.evaluate(_linear_apply, w, x, y, x, np.zeros(9, int), y)

@@ -58,12 +58,13 @@ def manifest(config: BenchConfig, cell_list: list[Cell]) -> dict[str, Any]:
             "source": config.source, "config": config.resolved, "cells": [c.as_dict() for c in cell_list]}
 
 
-def open_results(results_dir: str | os.PathLike, config: BenchConfig, all_cells: list[Cell]) -> Path:
+def open_results(results_dir: str | os.PathLike, config: BenchConfig,
+                 all_cells: list[Cell]) -> tuple[Path, dict[str, dict[str, Any]]]:
     """Create ``results_dir`` for ``config``, or check that it holds results of the same config
     name and profile, that every finished record of one of ``all_cells`` was made with that
     cell's present settings (``current``), and then record the present config (and the path it
     was read from) in the manifest. ResultsError naming the difference otherwise. Returns the
-    directory."""
+    directory and its finished records by cell id (read once)."""
     d = Path(results_dir)
     results.check_writable(d / MANIFEST, "--results")
     path = d / MANIFEST
@@ -75,13 +76,15 @@ def open_results(results_dir: str | os.PathLike, config: BenchConfig, all_cells:
             raise ResultsError(f"{d} holds results of another config ({name!r}, profile {prof}; this is "
                                f"{config.name!r}, profile {config.profile}); "
                                "use a new --results dir or the config and --profile that wrote it")
-        current(d, config, all_cells)
+        done = current(d, config, all_cells)
         if (old.get("fingerprint"), old.get("source")) == (config.fingerprint, config.source):
             (d / RECORDS).mkdir(exist_ok=True)
-            return d
+            return d, done
+    else:
+        done = {}
     results.write_atomic(path, results.dumps(manifest(config, all_cells)))
     (d / RECORDS).mkdir(exist_ok=True)
-    return d
+    return d, done
 
 
 def _canonical(x: Any) -> str:

@@ -152,9 +152,8 @@ def run(config: BenchConfig, results_dir: str | Path, *, commands: Commands, tra
     from ..defenses import DivergenceError
 
     all_cells = grid.cells(config)
-    d = records.open_results(results_dir, config, all_cells)
+    d, done = records.open_results(results_dir, config, all_cells)
     _compilation_cache(d / records.WORK / "xla_cache")
-    done = records.current(d, config, all_cells)
     todo = [c for c in grid.cells(config, selected=True) if c.id not in done]
     preflight(config, todo)   # before any zoo training or cell
     status = {k: v for k, v in records.read_status(d).items() if k not in {c.id for c in todo}}

@@ -237,7 +237,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .. import results
 
     exp = load_experiment(args)
-    print(json.dumps(results.strict(exp.evaluate(exp.variables))))
+    print(json.dumps(results.strict(exp.evaluate(exp.variables, per_class=args.per_class))))
     return 0
 
 

@@ -117,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("evaluate", help="clean accuracy, ASR and robust accuracy of a model")
     _model_flags(e)
+    e.add_argument("--per-class", action="store_true",
+                   help="add class_acc: the clean accuracy within each class (a list by class id)")
 
     w = sub.add_parser("sweep", help="a defense over seeds x hyperparameters (I-BAU: vmapped in chunks); "
                                      "mean ± std table")
