@@ -11,7 +11,7 @@ import pytest
 from ibau_jax import defenses
 from ibau_jax.defenses.base import DivergenceError
 from ibau_jax.defenses.deepinspect import DeepInspect, DeepInspectConfig, generator_loss
-from ibau_jax.defenses.trigger_generator import TriggerGenerator
+from ibau_jax.defenses.trigger_generator import ConvTranspose2x, TriggerGenerator
 from ibau_jax.errors import ConfigError, UserError
 
 
@@ -61,6 +61,24 @@ def test_generator_shape_bound_and_zero_start():
     same_z = jnp.repeat(z[:1], 2, axis=0)
     a, b = np.asarray(gen.apply({"params": big}, same_z, jnp.array([0, 1])))
     assert not np.allclose(a, b)
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 4, 3), (3, 5, 7, 2)])
+def test_convtranspose2x_is_flax_convtranspose(shape):
+    """The generator's upsampling equals nn.ConvTranspose(5x5, stride 2, SAME) with the same
+    parameters and initialisation, in value and in the gradients of x and the kernel."""
+    x = jax.random.normal(jax.random.PRNGKey(0), shape)
+    ref, ours = nn.ConvTranspose(6, (5, 5), strides=(2, 2)), ConvTranspose2x(6)
+    params = ref.init(jax.random.PRNGKey(1), x)
+    jax.tree.map(np.testing.assert_array_equal, params, ours.init(jax.random.PRNGKey(1), x))  # same init
+    params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.PRNGKey(2), p.shape), params)
+    w = jax.random.normal(jax.random.PRNGKey(3), (shape[0], 2 * shape[1], 2 * shape[2], 6))
+    y_ref, y = ref.apply(params, x), ours.apply(params, x)
+    assert y.shape == y_ref.shape == w.shape
+    np.testing.assert_allclose(y, y_ref, atol=1e-5)
+    loss = lambda m: lambda p, x: jnp.sum(jnp.sin(m.apply(p, x)) * w)
+    for g, g_ref in zip(jax.grad(loss(ours), (0, 1))(params, x), jax.grad(loss(ref), (0, 1))(params, x)):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4), g, g_ref)
 
 
 def test_generator_loss_equals_numpy_reference():
