@@ -95,14 +95,16 @@ def load_test_set(dataset: str, data_dir: str | os.PathLike | None, download: bo
 def load(checkpoint: str | os.PathLike, *, dataset: str = "cifar10",
          data_dir: str | os.PathLike | None = None, model: str = "small_vgg", attack: str = "badnets",
          target: int = 8, trigger_dir: str | os.PathLike | None = None, n_clean: int = 5000,
-         download: bool = True, data_source: str = "auto", attack_seed: int = 0) -> Experiment:
+         download: bool = True, data_source: str = "auto", attack_seed: int = 0,
+         attack_options: dict[str, Any] | None = None) -> Experiment:
     """Load the weights at ``checkpoint`` (PyTorch ``.pth`` or ibau-jax ``.npz``) into ``model``,
     the test split of ``dataset``, and ``attack``'s trigger; split as the original code.
 
     ``attack``: a registered attack (``attacks.ATTACK_NAMES``): the original triggers (badnets,
     trojan_sq, ..., applied exactly by the original rule, files from ``trigger_dir``) or the
     rest of the suite (``attack_seed`` must be the seed it was trained with, since blend and
-    wanet triggers are seeded). The ASR set is ``attacks.asr_test_set`` of the clean set.
+    wanet triggers are seeded) and ``attack_options`` its builder's options as trained (e.g.
+    SIG's ``delta``). The ASR set is ``attacks.asr_test_set`` of the clean set.
     ``download=False`` never downloads.
     Bad input raises ``data.DataError``, ``checkpoints.CheckpointError`` or
     ``attacks.AttackError`` with a message that names the problem and the fix.
@@ -115,7 +117,7 @@ def load(checkpoint: str | os.PathLike, *, dataset: str = "cifar10",
     variables, _ = checkpoints.load_model(checkpoint, model, test.num_classes)
     clean_x = data.to_float(clean.x)
     the_attack = attacks.get(attack, num_classes=test.num_classes, target=target,
-                             trigger_dir=trigger_dir, seed=attack_seed)
+                             trigger_dir=trigger_dir, seed=attack_seed, **(attack_options or {}))
     asr_x, asr_t, _ = attacks.asr_test_set(clean_x, clean.y, the_attack)
     return Experiment(models.get_model(model, test.num_classes), variables, test.num_classes, target,
                       clean_x, np.asarray(clean.y), data.to_float(acc_set.x), np.asarray(acc_set.y), asr_x, asr_t,

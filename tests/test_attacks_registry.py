@@ -100,3 +100,20 @@ def test_register_rejects_duplicates_and_bad_builders(toy):
             attacks.get("bad", num_classes=10)
     finally:
         attacks.unregister("bad")
+
+
+def test_parse_options_types_values_like_the_defaults_and_names_bad_ones():
+    assert attacks.option_defaults("sig") == {"delta": 20.0 / 255.0, "freq": 6.0}
+    # strings from --attack-option KEY=VALUE, typed by each default; only the given keys come back
+    assert attacks.parse_options("wanet", ["noise=false", "k=8", "s=1"]) == {"noise": False, "k": 8, "s": 1.0}
+    assert attacks.parse_options("wanet", {"noise": True, "cross_ratio": 1}) == {"noise": True, "cross_ratio": 1.0}
+    assert attacks.parse_options("sig", []) == {}
+    for name, bad, words in [("sig", ["delta"], "expected KEY=VALUE"), ("sig", ["gain=2"], "no option 'gain'"),
+                             ("sig", ["delta=abc"], "finite number"), ("sig", {"delta": float("nan")}, "finite number"),
+                             ("wanet", {"k": 2.5}, "integer"), ("wanet", ["noise=maybe"], "true or false"),
+                             ("nope", [], "unknown attack")]:
+        with pytest.raises(attacks.AttackError, match=words):
+            attacks.parse_options(name, bad)
+    # the parsed options build the attack they describe
+    a = attacks.get("sig", num_classes=10, target=0, **attacks.parse_options("sig", ["delta=0.25"]))
+    assert a.params["delta"] == 0.25 and np.isclose(np.abs(a.pattern).max(), 0.25, atol=1e-3)

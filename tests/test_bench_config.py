@@ -44,6 +44,9 @@ def raw(**changes):
     ({"bogus": 1}, ["unknown field(s) bogus"]),
     ({"n_clean": [100, 400]}, ["n_clean 400 exceeds the digits clean pool"]),
     ({"models__a__train": {"epochs": 0}}, ["epochs must be an integer >= 1"]),
+    ({"models__b__attack_options": {"gain": 1}}, ["[models.b]", "no option 'gain'", "alpha"]),
+    ({"models__b__attack_options": {"alpha": "strong"}}, ["[models.b]", "alpha must be a finite number"]),
+    ({"models__b__attack_options": 0.3}, ["[models.b].attack_options must be a table"]),
 ])
 def test_config_errors_name_the_problem_and_the_choices(changes, words):
     with pytest.raises(ConfigError) as e:
@@ -52,6 +55,16 @@ def test_config_errors_name_the_problem_and_the_choices(changes, words):
     assert "\n" not in msg
     for w in words:
         assert w in msg
+
+
+def test_attack_options_enter_the_spec_and_its_identity_only_when_given():
+    from ibau_jax.bench import zoo
+    plain = config.parse(raw())
+    opts = config.parse(raw(models__b__attack_options={"alpha": 1}))
+    assert opts.model("b").attack_options == {"alpha": 1.0}                 # typed as the default (float)
+    assert zoo.spec_dict(opts.model("b"))["attack_options"] == {"alpha": 1.0}
+    assert "attack_options" not in zoo.spec_dict(plain.model("b"))          # older zoo entries stay valid
+    assert opts.fingerprint != plain.fingerprint
 
 
 def test_profile_merges_and_changes_the_fingerprint():

@@ -71,3 +71,26 @@ def test_smoke_bench_killed_and_resumed_equals_uninterrupted(tmp_path):
     assert s["finished"] == 4 and not s["missing"] and s["profile"] == "full"
     r = ref["digits_badnets__ibau__n300__s0"]
     assert s["tables"]["300"]["digits_badnets"]["ibau"]["asr_all"] == r["after"]["asr_all"]
+
+
+def test_a_zoo_models_attack_options_are_trained_recorded_and_used_by_its_cells(tmp_path):
+    """[models.NAME] attack_options: the zoo trains with them, records them (run.json and the zoo
+    record's spec), and a cell's experiment rebuilds the same trigger (here Blend at alpha 0.5)."""
+    import numpy as np
+
+    from ibau_jax import attacks, training
+    from ibau_jax.bench import config, runner, zoo
+
+    cfg = config.parse({"name": "o", "n_clean": [100], "defenses": {"ft": {"epochs": 1}},
+                        "models": {"s": {"dataset": "digits", "attack": "blend", "target": 0, "poison_ratio": 0.1,
+                                         "attack_options": {"alpha": 0.5},
+                                         "train": {"epochs": 1, "batch_size": 32, "train_limit": 64}}}})
+    spec = cfg.model("s")
+    entry = zoo.ensure(tmp_path / "zoo", spec, quiet=True, log=lambda s: None)
+    run = training.read_run(entry.run_dir)
+    assert run["config"]["attack_options"] == {"alpha": 0.5} == entry.record["spec"]["attack_options"]
+    exp, _ = runner.digits_experiment(spec, entry, 100)
+    blend = attacks.get("blend", num_classes=10, target=0, seed=int(run["config"]["trigger_seed"]), alpha=0.5)
+    np.testing.assert_allclose(exp.asr_x, np.clip(exp.clean_x * blend.keep + blend.pattern, 0, 1), atol=1e-6)
+    default = attacks.get("blend", num_classes=10, target=0, seed=int(run["config"]["trigger_seed"]))
+    assert not np.allclose(exp.asr_x, np.clip(exp.clean_x * default.keep + default.pattern, 0, 1))

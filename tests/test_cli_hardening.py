@@ -68,11 +68,39 @@ def test_unwritable_outputs_are_refused_before_the_work(tmp_path, a_file, capsys
     (["sweep", "--num-seeds", "0", "--out", "R"], "--num-seeds must be >= 1"),
     (["defend", "--defense", "ibau", "--set", "inner_reg=inf", "--out", "R"], "inner_reg must be finite"),
     (["defend", "--defense", "ft", "--set", "epochs=0", "--out", "R"], "epochs must be an integer >= 1"),
+    (["attack", "--attack", "sig", "--attack-option", "gain=2", "--out", "RUN"], "attack 'sig' has no option 'gain'"),
+    (["attack", "--attack", "wanet", "--attack-option", "k=two", "--out", "RUN"], "option k must be an integer"),
 ])
 def test_bad_values_are_refused_up_front(argv, needle, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     extra = _model_args() if argv[0] in ("unlearn", "sweep", "defend") else []
     _refused([*argv, *extra], capsys, needle)
+
+
+def test_a_run_dirs_attack_options_are_the_defaults_and_flags_override_them(tmp_path, monkeypatch):
+    """`--model RUN_DIR` rebuilds the trigger with the options it was trained with (run.json's
+    attack_options); --attack-option overrides one; another --attack drops them."""
+    import argparse
+
+    from ibau_jax import attacks, training
+    from ibau_jax.cli import commands
+
+    run = {"config": {"model": "small_vgg", "attack": "sig", "target": 0, "trigger_seed": 7,
+                      "attack_options": {"delta": 0.157}}, "checkpoint": str(tmp_path / "ck.npz")}
+    monkeypatch.setattr(training, "read_run", lambda d: run)
+
+    def resolved(*options, attack=None):
+        args = argparse.Namespace(model=str(tmp_path), checkpoint=None, attack=attack, target=None,
+                                  attack_option=list(options))
+        assert commands.resolve_run_dir(args) == 7 and args.checkpoint == run["checkpoint"]
+        return args.attack_options
+
+    assert resolved() == {"delta": 0.157}
+    assert resolved("freq=3") == {"delta": 0.157, "freq": 3.0}
+    assert resolved("delta=0.1") == {"delta": 0.1}
+    assert resolved(attack="badnets") == {}
+    with pytest.raises(attacks.AttackError, match="no option 'gain'"):
+        resolved("gain=1")
 
 
 # 5. Ctrl-C: finish the work in progress, mark the result, exit 130 (no crash)

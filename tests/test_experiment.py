@@ -81,3 +81,15 @@ def test_bad_inputs_name_the_problem(tmp_path):
         experiment.load(shared_path(CKPT), data_dir=tmp_path / "nodata", download=False)
     with pytest.raises(attacks.AttackError, match="needs its trigger file: pass --trigger-dir"):
         experiment.load(shared_path(CKPT), data_dir=shared_path(CIFAR_DIR), download=False, attack="trojan_sq")
+
+
+def test_attack_options_reach_the_trigger():
+    """experiment.load(attack_options=...) builds the ASR set with them: SIG at delta 0 leaves the
+    images as they are; at 0.25 the sine adds exactly 0.25 where it peaks (column 12)."""
+    kw = dict(data_dir=shared_path(CIFAR_DIR), download=False, attack="sig", target=8, n_clean=100)
+    flat = experiment.load(shared_path(CKPT), attack_options={"delta": 0.0}, **kw)
+    np.testing.assert_array_equal(flat.asr_x, flat.clean_x)
+    strong = experiment.load(shared_path(CKPT), attack_options={"delta": 0.25}, **kw)
+    diff = strong.asr_x - strong.clean_x
+    room = strong.clean_x[:, :, 12] <= 0.75                                  # not clipped at 1
+    np.testing.assert_allclose(diff[:, :, 12][room], 0.25, atol=1e-6)

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence
 
 from .base import Attack, AttackError, AttackSpec, apply_trigger, check_target
 from .poison import PoisonedSet, asr_test_set, asr_true_labels, poison_dataset
@@ -77,6 +78,61 @@ def unregister(name: str) -> None:
     ATTACK_NAMES = tuple(_REGISTRY)
 
 
+def option_defaults(name: str) -> dict[str, Any]:
+    """Attack ``name``'s options and their defaults (AttackError for an unknown name)."""
+    if name not in _REGISTRY:
+        raise AttackError(f"unknown attack {name!r}; choose one of {', '.join(_REGISTRY)}")
+    return dict(_REGISTRY[name][1])
+
+
+def _typed(name: str, key: str, default: Any, value: Any) -> Any:
+    """``value`` as the type of ``default`` (strings from the command line are converted)."""
+    where = f"attack {name!r} option {key}"
+    if isinstance(default, bool):
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+            return value.lower() in ("true", "1")
+        if isinstance(value, bool):
+            return value
+        raise AttackError(f"{where} must be true or false, got {value!r}")
+    if isinstance(default, (int, float)):
+        try:
+            v = (int if isinstance(default, int) else float)(value) if isinstance(value, str) else value
+        except ValueError:
+            v = None
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(default, int) and v != int(v)) \
+                or not math.isfinite(v):
+            kind = "an integer" if isinstance(default, int) else "a finite number"
+            raise AttackError(f"{where} must be {kind}, got {value!r}")
+        return int(v) if isinstance(default, int) else float(v)
+    if not isinstance(value, str):
+        raise AttackError(f"{where} must be a string, got {value!r}")
+    return value
+
+
+def parse_options(name: str, options: Mapping[str, Any] | Sequence[str] = ()) -> dict[str, Any]:
+    """Attack options from a mapping (a config file) or ``KEY=VALUE`` strings (the command
+    line's ``--attack-option``), typed as each option's default (int, float, bool, str) and
+    checked: AttackError naming the option and the fix for an unknown key or a bad value.
+    Only the given options are returned (``get`` fills in the defaults)."""
+    defaults = option_defaults(name)
+    if isinstance(options, Mapping):
+        items = list(options.items())
+    else:
+        items = []
+        for pair in options:
+            key, sep, value = str(pair).partition("=")
+            if not sep or not key.strip():
+                raise AttackError(f"--attack-option {pair!r}: expected KEY=VALUE (attack {name!r} options: "
+                                  f"{', '.join(defaults) or 'none'})")
+            items.append((key.strip(), value.strip()))
+    out = {}
+    for key, value in items:
+        if key not in defaults:
+            raise AttackError(f"attack {name!r} has no option {key!r}; its options: {', '.join(defaults) or 'none'}")
+        out[key] = _typed(name, key, defaults[key], value)
+    return out
+
+
 def get(name: str, *, num_classes: int, target: int = 0, image_shape: tuple[int, int, int] = (32, 32, 3),
         trigger_dir: str | os.PathLike | None = None, seed: int = 0, **options) -> Attack:
     """Build the registered attack ``name``; ``options`` override its builder's defaults.
@@ -126,6 +182,6 @@ del _name
 __all__ = [
     "ATTACK_NAMES", "Attack", "AttackError", "AttackSpec", "Builder", "FILE_TRIGGERS", "PoisonedSet",
     "apply_trigger", "asr_test_set", "asr_true_labels", "badnets_patch", "bicubic_matrix", "check_target",
-    "checkerboard_patch", "get", "identity_grid", "make_attack", "poison_dataset", "read_file_trigger", "register",
-    "unregister", "wanet_grid",
+    "checkerboard_patch", "get", "identity_grid", "make_attack", "option_defaults", "parse_options",
+    "poison_dataset", "read_file_trigger", "register", "unregister", "wanet_grid",
 ]

@@ -89,6 +89,7 @@ class ModelSpec:
     train: dict[str, Any] | None = None    # a training spec (``TRAIN_KEYS``)
     data_dir: str | None = None
     trigger_dir: str | None = None
+    attack_options: dict[str, Any] = dataclasses.field(default_factory=dict)  # the attack builder's options
 
     @property
     def kind(self) -> str:
@@ -192,10 +193,18 @@ def _model(name: str, t: Any) -> ModelSpec:
         raise ConfigError(f"{where}: poison_ratio must be in (0, 1], got {ratio!r}")
     if train is not None and ratio is None:
         raise ConfigError(f"{where}: a trained model needs poison_ratio")
+    options = t.get("attack_options", {})
+    if not isinstance(options, dict):
+        raise ConfigError(f"{where}.attack_options must be a table, e.g. attack_options = {{ delta = 0.157 }}")
+    try:
+        options = attacks.parse_options(t["attack"], options)
+    except attacks.AttackError as e:
+        raise ConfigError(f"{where}: {e}") from None
     data_dir = t.get("data_dir", DEFAULT_DATA_DIRS.get(t["dataset"]))
     spec = ModelSpec(name=name, dataset=t["dataset"], attack=t["attack"], target=t["target"],
                      poison_ratio=ratio, arch=arch, checkpoint=expand(t.get("checkpoint")), train=train,
-                     data_dir=expand(data_dir), trigger_dir=expand(t.get("trigger_dir", DEFAULT_TRIGGER_DIR)))
+                     data_dir=expand(data_dir), trigger_dir=expand(t.get("trigger_dir", DEFAULT_TRIGGER_DIR)),
+                     attack_options=options)
     check_train_spec(spec)
     return spec
 

@@ -35,9 +35,9 @@ class Commands(Protocol):
 def cell_args(spec: ModelSpec, entry: zoo.ZooModel, cell: grid.Cell, out: Path, eval_every: int = 1) -> argparse.Namespace:
     """The ``defend`` flags of ``cell`` (what ``run_defense`` and ``load_experiment`` read)."""
     a = argparse.Namespace(command="bench", dataset=spec.dataset, data_dir=spec.data_dir, trigger_dir=spec.trigger_dir,
-                           attack=spec.attack, target=spec.target, n_clean=cell.n_clean, no_download=True,
-                           data_source="auto", seed=cell.seed, out=str(out), save=None, quiet=True, devices=None,
-                           eval_every=eval_every, eval_limit=0)
+                           attack=spec.attack, attack_option=spec.attack_options, target=spec.target,
+                           n_clean=cell.n_clean, no_download=True, data_source="auto", seed=cell.seed, out=str(out),
+                           save=None, quiet=True, devices=None, eval_every=eval_every, eval_limit=0)
     if entry.run_dir is not None and spec.dataset != "digits":
         a.model, a.checkpoint = str(entry.run_dir), None   # resolved like `defend --model RUN_DIR`
     else:
@@ -55,7 +55,7 @@ def digits_experiment(spec: ModelSpec, entry: zoo.ZooModel, n_clean: int):
     d = zoo.digits_data()
     variables, _ = checkpoints.load_model(run["checkpoint"], spec.arch, d.num_classes)
     attack = attacks.make_attack(spec.attack, num_classes=d.num_classes, target=spec.target,
-                                 seed=int(run["config"]["trigger_seed"]))
+                                 seed=int(run["config"]["trigger_seed"]), **run["config"].get("attack_options", {}))
     cx, cy = d.clean_x[:n_clean], d.clean_y[:n_clean]
     asr_x, asr_t, _ = attacks.asr_test_set(cx, cy, attack)
     exp = experiment.Experiment(models.get_model(spec.arch, d.num_classes), variables, d.num_classes, attack.target,

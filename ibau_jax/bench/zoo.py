@@ -54,6 +54,8 @@ class ZooModel:
 def spec_dict(spec: ModelSpec) -> dict[str, Any]:
     """What identifies a zoo entry (paths to data excluded: the same data may live elsewhere)."""
     d = {k: v for k, v in dataclasses.asdict(spec).items() if k not in ("name", "data_dir", "trigger_dir", "checkpoint")}
+    if not d["attack_options"]:
+        del d["attack_options"]  # absent when none: entries and records made before the key stay valid
     if spec.train is not None:
         d["train"] = {**TRAIN_DEFAULTS, **spec.train}
     return d
@@ -143,7 +145,8 @@ def _train(spec: ModelSpec, run_dir: Path, *, quiet: bool, log, commands: Any) -
         lr = t["lr"] if t["lr"] is not None else (0.05 if t["optimizer"] == "sgd" else 1e-3)
         args = argparse.Namespace(
             command="attack", dataset=spec.dataset, data_dir=spec.data_dir, no_download=True, data_source="auto",
-            attack=spec.attack, trigger_dir=spec.trigger_dir, target=spec.target, poison_ratio=spec.poison_ratio,
+            attack=spec.attack, attack_option=spec.attack_options, trigger_dir=spec.trigger_dir, target=spec.target,
+            poison_ratio=spec.poison_ratio,
             model=spec.arch, epochs=t["epochs"], train_limit=t["train_limit"], batch_size=t["batch_size"],
             optimizer=t["optimizer"], lr=lr, weight_decay=t["weight_decay"], eval_every=max(1, t["epochs"] // 5),
             seed=t["seed"], out=str(run_dir), resume=resume, quiet=quiet, dp_noise=None, dp_clip=None)
@@ -167,7 +170,7 @@ def _train_digits(spec: ModelSpec, t: dict[str, Any], run_dir: Path, *, resume: 
     d = digits_data()
     streams = rng.streams(t["seed"])
     attack = attacks.make_attack(spec.attack, num_classes=d.num_classes, target=spec.target,
-                                 seed=streams.seed_of("trigger"))
+                                 seed=streams.seed_of("trigger"), **spec.attack_options)
     poisoned = attacks.poison_dataset(d.train_x, d.train_y, attack, spec.poison_ratio, streams.seed_of("poison"))
     asr_x, asr_t, _ = attacks.asr_test_set(d.test_x, d.test_y, attack)
     eval_sets = training.EvalSets(d.test_x, d.test_y, asr_x, asr_t, attacks.asr_true_labels(d.test_y, attack))
@@ -180,6 +183,8 @@ def _train_digits(spec: ModelSpec, t: dict[str, Any], run_dir: Path, *, resume: 
     run_config = {"dataset": "digits", "attack": spec.attack, "target": attack.target,
                   "poison_ratio": spec.poison_ratio, "model": spec.arch, "train_limit": t["train_limit"],
                   "n_train": int(len(y)), "trigger_seed": streams.seed_of("trigger")}
+    if spec.attack_options:
+        run_config["attack_options"] = spec.attack_options
     meta = {"model": spec.arch, "num_classes": d.num_classes, "dataset": "digits", "attack": spec.attack,
             "target": attack.target, "poison_ratio": spec.poison_ratio}
     model = models.get_model(spec.arch, d.num_classes)

@@ -54,6 +54,9 @@ def validate(args: argparse.Namespace) -> None:
         given, missing = ("--dp-noise", "--dp-clip") if args.dp_clip is None else ("--dp-clip", "--dp-noise")
         raise ConfigError(f"{given} needs {missing} too: DP-SGD takes both the noise multiplier and the "
                           "clipping norm (e.g. --dp-noise 1.0 --dp-clip 1.0), or neither")
+    if getattr(args, "attack_option", None) and getattr(args, "attack", None) is not None:
+        from .. import attacks
+        attacks.parse_options(args.attack, args.attack_option)  # AttackError (exit 2) before any work
     save = getattr(args, "save", None)
     if save:
         if not str(save).endswith(".npz"):
@@ -72,10 +75,13 @@ def resolve_run_dir(args: argparse.Namespace) -> int:
 
     Explicit ``--attack``/``--target`` still win. Returns the seed of the attack's trigger (the
     run's ``trigger_seed``, which seeded Blend's noise or WaNet's warp; 0 for a plain checkpoint).
+    Sets ``args.attack_options``: the run's attack options (when its attack is the one used),
+    then ``--attack-option``'s, typed and checked (``attacks.parse_options``).
     """
-    from .. import models, training
+    from .. import attacks, models, training
 
     seed = 0
+    run_options: dict[str, Any] = {}
     if args.model not in models.MODELS:
         if not Path(args.model).exists():
             raise UserError(f"--model {args.model!r} is neither an architecture ({', '.join(sorted(models.MODELS))}) "
@@ -89,12 +95,16 @@ def resolve_run_dir(args: argparse.Namespace) -> int:
             args.checkpoint = run["checkpoint"]
         args.model = cfg.get("model", "small_vgg")
         args.attack = args.attack if args.attack is not None else cfg.get("attack", "badnets")
+        if args.attack == cfg.get("attack"):
+            run_options = dict(cfg.get("attack_options") or {})
         args.target = args.target if args.target is not None else cfg.get("target", 0)
         seed = int(cfg.get("trigger_seed", cfg.get("seed", 0)))
     if args.checkpoint is None:
         raise UserError("pass --checkpoint FILE, or --model RUN_DIR (a folder written by `ibau-jax attack`)")
     args.attack = args.attack if args.attack is not None else "badnets"
     args.target = args.target if args.target is not None else 8
+    args.attack_options = {**attacks.parse_options(args.attack, run_options),
+                           **attacks.parse_options(args.attack, getattr(args, "attack_option", None) or [])}
     return seed
 
 
@@ -107,7 +117,8 @@ def load_experiment(args: argparse.Namespace):
     exp = experiment.load(args.checkpoint, dataset=args.dataset, data_dir=args.data_dir, model=args.model,
                           attack=args.attack, target=args.target, trigger_dir=args.trigger_dir,
                           n_clean=args.n_clean, download=not args.no_download,
-                          data_source=getattr(args, "data_source", "auto"), attack_seed=attack_seed)
+                          data_source=getattr(args, "data_source", "auto"), attack_seed=attack_seed,
+                          attack_options=args.attack_options)
     return exp.limit_eval(args.eval_limit)
 
 
@@ -161,8 +172,8 @@ def run_defense(args: argparse.Namespace, defense, exp=None) -> int:
     result: dict[str, Any] = {
         "defense": defense.name, "config": dataclasses.asdict(defense.config),
         "run": {"checkpoint": str(args.checkpoint), "model": args.model, "dataset": args.dataset,
-                "attack": args.attack, "target": exp.target, "seed": args.seed, "n_clean": args.n_clean,
-                "eval_limit": args.eval_limit, "jax_backend": jax.default_backend(),
+                "attack": args.attack, "attack_options": args.attack_options, "target": exp.target,
+                "seed": args.seed, "n_clean": args.n_clean, "eval_limit": args.eval_limit, "jax_backend": jax.default_backend(),
                 "devices": sharding.num_devices(mesh), "processes": jax.process_count(), "command": args.command},
         "before": evaluate(exp.variables), "after": None, "der": None, "history": [],
         "seconds": None, "compile_seconds": None, "complete": False, "interrupted": False}
@@ -291,8 +302,8 @@ def _sweep_defense(args: argparse.Namespace) -> int:
     done = lambda k, n: print(f"[{k}/{n} runs] {time.perf_counter() - t0:.1f} s", flush=True)
     records = sweep.sweep_defense(args.defense, base, grid, seeds, run_one, on_run=done)
     result = {"config": {"defense": args.defense, "checkpoint": str(args.checkpoint), "model": args.model,
-                         "dataset": args.dataset, "attack": args.attack, "target": exp.target, "seeds": seeds,
-                         "n_clean": args.n_clean, "eval_limit": args.eval_limit, "overrides": base,
+                         "dataset": args.dataset, "attack": args.attack, "attack_options": args.attack_options,
+                         "target": exp.target, "seeds": seeds, "n_clean": args.n_clean, "eval_limit": args.eval_limit, "overrides": base,
                          "devices": sharding.num_devices(mesh), "processes": jax.process_count(),
                          "jax_backend": jax.default_backend(),
                          "seconds": round(time.perf_counter() - t0, 3)},
@@ -347,7 +358,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                                  rounds=args.rounds, chunk=args.chunk, evaluate_fn=evaluate, mesh=mesh,
                                  on_chunk=done, strategy=args.strategy, mask_rng=args.mask_rng)
     result = {"config": {"checkpoint": str(args.checkpoint), "model": args.model, "dataset": args.dataset,
-                         "defense": "ibau", "attack": args.attack, "target": exp.target, "rounds": args.rounds,
+                         "defense": "ibau", "attack": args.attack, "attack_options": args.attack_options,
+                         "target": exp.target, "rounds": args.rounds,
                          "seeds": seeds,
                          "mask_rng": args.mask_rng, "chunk": args.chunk, "strategy": args.strategy,
                          "n_clean": args.n_clean, "eval_limit": args.eval_limit,
@@ -388,8 +400,9 @@ def cmd_attack(args: argparse.Namespace) -> int:
     x, y = train_set.x, train_set.y
     if args.train_limit:
         x, y = x[: args.train_limit], y[: args.train_limit]
+    options = attacks.parse_options(args.attack, getattr(args, "attack_option", None) or [])
     attack = attacks.make_attack(args.attack, num_classes=test.num_classes, target=args.target,
-                                 trigger_dir=args.trigger_dir, seed=streams.seed_of("trigger"))
+                                 trigger_dir=args.trigger_dir, seed=streams.seed_of("trigger"), **options)
     poisoned = attacks.poison_dataset(data.to_float(x), y, attack, args.poison_ratio, streams.seed_of("poison"))
     test_x = data.to_float(test.x)
     asr_x, asr_t, _ = attacks.asr_test_set(test_x, test.y, attack)
@@ -401,6 +414,8 @@ def cmd_attack(args: argparse.Namespace) -> int:
     run_config = {"dataset": args.dataset, "attack": args.attack, "target": attack.target,
                   "poison_ratio": args.poison_ratio, "model": args.model, "train_limit": args.train_limit,
                   "n_train": int(len(y)), "trigger_seed": streams.seed_of("trigger")}
+    if options:  # only when given: runs without options keep the run.json of earlier versions (--resume)
+        run_config["attack_options"] = options
     meta = {"model": args.model, "num_classes": test.num_classes, "dataset": args.dataset,
             "attack": args.attack, "target": attack.target, "poison_ratio": args.poison_ratio}
     model = models.get_model(args.model, test.num_classes)

@@ -56,6 +56,8 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     _data_flags(p)
     p.add_argument("--trigger-dir", default=None, help="folder with the trigger PNGs (and mask.npy)")
     p.add_argument("--attack", default=None, choices=_attack_names(), help="default: badnets or RUN_DIR's")
+    p.add_argument("--attack-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of the attack's trigger, as it was trained (repeatable; default: RUN_DIR's)")
     p.add_argument("--target", type=int, default=None, help="the backdoor's target class (default 8 or RUN_DIR's)")
     p.add_argument("--n-clean", type=int, default=5000,
                    help="test images 0..n-1 are the defender's clean set, the rest measure accuracy")
@@ -151,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("attack", help="train a poisoned model; writes RUN_DIR (model.npz, run.json)")
     _data_flags(a)
     a.add_argument("--attack", default="badnets", choices=_attack_names())
+    a.add_argument("--attack-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of the attack's builder, e.g. sig delta=0.157 or wanet noise=false "
+                        "(repeatable; docs/attacks.md lists them)")
     a.add_argument("--trigger-dir", default=None, help="folder with the trigger PNGs (file triggers)")
     a.add_argument("--target", type=int, default=0)
     a.add_argument("--poison-ratio", type=float, default=0.1)
