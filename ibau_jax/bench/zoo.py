@@ -146,8 +146,7 @@ def _train(spec: ModelSpec, run_dir: Path, *, quiet: bool, log, commands: Any) -
         args = argparse.Namespace(
             command="attack", dataset=spec.dataset, data_dir=spec.data_dir, no_download=True, data_source="auto",
             attack=spec.attack, attack_option=spec.attack_options, trigger_dir=spec.trigger_dir, target=spec.target,
-            poison_ratio=spec.poison_ratio,
-            model=spec.arch, epochs=t["epochs"], train_limit=t["train_limit"], batch_size=t["batch_size"],
+            poison_ratio=spec.poison_ratio, model=spec.arch, epochs=t["epochs"], train_limit=t["train_limit"], batch_size=t["batch_size"],
             optimizer=t["optimizer"], lr=lr, weight_decay=t["weight_decay"], eval_every=max(1, t["epochs"] // 5),
             seed=t["seed"], out=str(run_dir), resume=resume, quiet=quiet, dp_noise=None, dp_clip=None)
         commands.validate(args)

@@ -173,8 +173,9 @@ def run_defense(args: argparse.Namespace, defense, exp=None) -> int:
         "defense": defense.name, "config": dataclasses.asdict(defense.config),
         "run": {"checkpoint": str(args.checkpoint), "model": args.model, "dataset": args.dataset,
                 "attack": args.attack, "attack_options": args.attack_options, "target": exp.target,
-                "seed": args.seed, "n_clean": args.n_clean, "eval_limit": args.eval_limit, "jax_backend": jax.default_backend(),
-                "devices": sharding.num_devices(mesh), "processes": jax.process_count(), "command": args.command},
+                "seed": args.seed, "n_clean": args.n_clean, "eval_limit": args.eval_limit,
+                "jax_backend": jax.default_backend(), "devices": sharding.num_devices(mesh),
+                "processes": jax.process_count(), "command": args.command},
         "before": evaluate(exp.variables), "after": None, "der": None, "history": [],
         "seconds": None, "compile_seconds": None, "complete": False, "interrupted": False}
     print(f"before    {_fmt(result['before'])}", flush=True)
@@ -303,7 +304,8 @@ def _sweep_defense(args: argparse.Namespace) -> int:
     records = sweep.sweep_defense(args.defense, base, grid, seeds, run_one, on_run=done)
     result = {"config": {"defense": args.defense, "checkpoint": str(args.checkpoint), "model": args.model,
                          "dataset": args.dataset, "attack": args.attack, "attack_options": args.attack_options,
-                         "target": exp.target, "seeds": seeds, "n_clean": args.n_clean, "eval_limit": args.eval_limit, "overrides": base,
+                         "target": exp.target, "seeds": seeds, "n_clean": args.n_clean,
+                         "eval_limit": args.eval_limit, "overrides": base,
                          "devices": sharding.num_devices(mesh), "processes": jax.process_count(),
                          "jax_backend": jax.default_backend(),
                          "seconds": round(time.perf_counter() - t0, 3)},
