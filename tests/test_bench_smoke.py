@@ -4,6 +4,7 @@ equal an uninterrupted run's (wall and compile times excluded), and `report` reb
 tables from the records alone."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -81,7 +82,7 @@ def test_a_zoo_models_attack_options_are_trained_recorded_and_used_by_its_cells(
     from ibau_jax import attacks, training
     from ibau_jax.bench import config, runner, zoo
 
-    cfg = config.parse({"name": "o", "n_clean": [100], "defenses": {"ft": {"epochs": 1}},
+    cfg = config.parse({"name": "o", "n_clean": [100], "defenses": {"ft": {"epochs": 1, "batch_size": 50}},
                         "models": {"s": {"dataset": "digits", "attack": "blend", "target": 0, "poison_ratio": 0.1,
                                          "attack_options": {"alpha": 0.5},
                                          "train": {"epochs": 1, "batch_size": 32, "train_limit": 64}}}})
@@ -94,3 +95,10 @@ def test_a_zoo_models_attack_options_are_trained_recorded_and_used_by_its_cells(
     np.testing.assert_allclose(exp.asr_x, np.clip(exp.clean_x * blend.keep + blend.pattern, 0, 1), atol=1e-6)
     default = attacks.get("blend", num_classes=10, target=0, seed=int(run["config"]["trigger_seed"]))
     assert not np.allclose(exp.asr_x, np.clip(exp.clean_x * default.keep + default.pattern, 0, 1))
+    # a cell on it (the bench's own path, ft for one epoch): its record names the options
+    from ibau_jax.cli import commands
+    cfg = dataclasses.replace(cfg, zoo=str(tmp_path / "zoo"))
+    assert runner.run(cfg, tmp_path / "results", commands=commands, quiet=True, log=lambda s: None) == 0
+    (rec,) = records.finished(tmp_path / "results").values()
+    assert rec["model"]["spec"]["attack_options"] == {"alpha": 0.5}
+    assert rec["before"]["asr_all"] == exp.evaluate(exp.variables)["asr_all"]   # measured with that trigger

@@ -77,6 +77,7 @@ class _Experiments:
             if key not in self.cache:
                 self.cache = {key: digits_experiment(spec, entry, cell.n_clean)}
             exp, args.checkpoint = self.cache[key]
+            args.attack_options = dict(spec.attack_options)  # what the digits model was trained with
             return exp
         if key not in self.cache:
             self.cache = {key: commands.load_experiment(args)}  # one at a time: CIFAR-10 sets are large
