@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 from pathlib import Path
 
 import jax
@@ -21,6 +20,7 @@ import jax.numpy as jnp
 
 from ibau_jax.models import conv
 from ibau_jax.results import write_atomic
+from timing import best_seconds
 
 REPO = Path(__file__).resolve().parents[1]
 LAYERS = [(32, 3, 32), (32, 32, 32), (16, 32, 64), (16, 64, 64), (8, 64, 128), (8, 128, 128)]  # (H=W, Ci, Co)
@@ -34,14 +34,7 @@ def wgrad_chunked(chunk: int):
 
 
 def ms(fn, *args, reps: int) -> float:
-    f = jax.jit(fn)
-    jax.block_until_ready(f(*args))
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        best = min(best, time.perf_counter() - t0)
-    return best * 1e3
+    return best_seconds(jax.jit(fn), *args, reps=reps) * 1e3
 
 
 def main() -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import flax.linen as nn
@@ -26,6 +25,7 @@ from ibau_jax import models
 from ibau_jax.defenses import trigger_generator
 from ibau_jax.defenses.deepinspect import generator_loss
 from ibau_jax.results import write_atomic
+from timing import best_seconds
 
 REPO = Path(__file__).resolve().parents[1]
 K, B, NOISE = 10, 32, 100
@@ -53,16 +53,6 @@ def step_fn(gen, model, mvars, xs, tx):
     return body
 
 
-def seconds(fn, *args, reps: int) -> float:
-    jax.block_until_ready(fn(*args))
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def measure(layer, steps: int, reps: int) -> dict[str, float]:
     trigger_generator.ConvTranspose2x, saved = layer, trigger_generator.ConvTranspose2x  # looked up at call time
     try:
@@ -75,8 +65,8 @@ def measure(layer, steps: int, reps: int) -> dict[str, float]:
         body = step_fn(gen, model, mvars, xs, tx)
         state = (gp, tx.init(gp))
         keys = jax.random.split(jax.random.PRNGKey(3), steps)
-        alone = seconds(jax.jit(body), state, keys[0], reps=reps)
-        scanned = seconds(jax.jit(lambda s, k: jax.lax.scan(body, s, k)), state, keys, reps=reps) / steps
+        alone = best_seconds(jax.jit(body), state, keys[0], reps=reps)
+        scanned = best_seconds(jax.jit(lambda s, k: jax.lax.scan(body, s, k)), state, keys, reps=reps) / steps
     finally:
         trigger_generator.ConvTranspose2x = saved
     return {"alone_s": alone, "scan_s_per_step": scanned}

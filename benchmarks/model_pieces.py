@@ -40,6 +40,7 @@ from ibau_jax import experiment, models
 from ibau_jax.defenses import ibau
 from ibau_jax.models import conv, layers, vgg
 from ibau_jax.results import write_atomic
+from timing import best_seconds
 
 REPO = Path(__file__).resolve().parents[1]
 # (module, name) -> the library's object; SmallVGG (models/vgg.py), Conv3x3 (models/layers.py)
@@ -76,12 +77,7 @@ def time_round(model, cfg, inputs, reps: int) -> tuple[float, float]:
     t0 = time.perf_counter()
     compiled = ibau.make_round(model, cfg).lower(*inputs).compile()
     compile_s = time.perf_counter() - t0
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(compiled(*inputs))
-        best = min(best, time.perf_counter() - t0)
-    return compile_s, best
+    return compile_s, best_seconds(compiled, *inputs, reps=reps, warmup=False)
 
 
 def main() -> None:
