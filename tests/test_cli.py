@@ -157,7 +157,7 @@ def test_defend_bad_names_are_one_line_errors(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "valid fields: batch_size, K" in err
     assert cli.main(["defend", "--defense", "ibau", "--set", "outer_lr=nan",
                      *_args("--out", str(tmp_path / "x.json"))]) == 2
-    assert "outer_lr must be finite" in capsys.readouterr().err
+    assert "outer_lr='nan': must be a finite number" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()  # refused before any work
 
 

@@ -66,7 +66,7 @@ def test_unwritable_outputs_are_refused_before_the_work(tmp_path, a_file, capsys
     (["attack", "--train-limit", "-49500", "--out", "RUN"], "--train-limit must be >= 0"),
     (["unlearn", "--devices", "0", "--out", "R"], "--devices must be >= 1"),
     (["sweep", "--num-seeds", "0", "--out", "R"], "--num-seeds must be >= 1"),
-    (["defend", "--defense", "ibau", "--set", "inner_reg=inf", "--out", "R"], "inner_reg must be finite"),
+    (["defend", "--defense", "ibau", "--set", "inner_reg=inf", "--out", "R"], "inner_reg='inf': must be a finite number"),
     (["defend", "--defense", "ft", "--set", "epochs=0", "--out", "R"], "epochs must be an integer >= 1"),
     (["attack", "--attack", "sig", "--attack-option", "gain=2", "--out", "RUN"], "attack 'sig' has no option 'gain'"),
     (["attack", "--attack", "wanet", "--attack-option", "k=two", "--out", "RUN"], "option k must be an integer"),

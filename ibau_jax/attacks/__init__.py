@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import math
 import os
 from typing import Any, Callable, Mapping, Sequence
 
+from .. import typed_values
 from .base import Attack, AttackError, AttackSpec, apply_trigger, check_target
 from .poison import PoisonedSet, asr_test_set, asr_true_labels, poison_dataset
 from .triggers import (FILE_TRIGGERS, badnets_patch, build_badnets, build_badnets_all2all, build_blend,
@@ -86,27 +86,12 @@ def option_defaults(name: str) -> dict[str, Any]:
 
 
 def _typed(name: str, key: str, default: Any, value: Any) -> Any:
-    """``value`` as the type of ``default`` (strings from the command line are converted)."""
-    where = f"attack {name!r} option {key}"
-    if isinstance(default, bool):
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
-            return value.lower() in ("true", "1")
-        if isinstance(value, bool):
-            return value
-        raise AttackError(f"{where} must be true or false, got {value!r}")
-    if isinstance(default, (int, float)):
-        try:
-            v = (int if isinstance(default, int) else float)(value) if isinstance(value, str) else value
-        except ValueError:
-            v = None
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(default, int) and v != int(v)) \
-                or not math.isfinite(v):
-            kind = "an integer" if isinstance(default, int) else "a finite number"
-            raise AttackError(f"{where} must be {kind}, got {value!r}")
-        return int(v) if isinstance(default, int) else float(v)
-    if not isinstance(value, str):
-        raise AttackError(f"{where} must be a string, got {value!r}")
-    return value
+    """``value`` as the type of ``default`` (``typed_values.convert``); AttackError otherwise."""
+    kind = type(default) if isinstance(default, (bool, int, float)) else str
+    try:
+        return typed_values.convert(value, kind)
+    except ValueError as e:
+        raise AttackError(f"attack {name!r} option {key} must be {e}, got {value!r}") from None
 
 
 def parse_options(name: str, options: Mapping[str, Any] | Sequence[str] = ()) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from typing import Any, Callable, ClassVar, Mapping, Protocol, Sequence
 import jax
 import numpy as np
 
-from .. import interrupt
+from .. import interrupt, typed_values
 from ..errors import ConfigError, UserError
 
 PyTree = Any
@@ -166,27 +166,25 @@ def config_fields(config_cls: type) -> dict[str, dataclasses.Field]:
 
 
 def parse_value(config_cls: type, name: str, text: str) -> Any:
-    """A ``--set name=text`` value converted to the type of ``config_cls``'s field ``name``."""
+    """A ``--set name=text`` value converted to the type of ``config_cls``'s field ``name``
+    (``typed_values.convert``: bool, int, float, or the text; none/null for an Optional field)."""
     fields = config_fields(config_cls)
     if name not in fields:
         raise ConfigError(f"{config_cls.__name__} has no field {name!r}; valid fields: {', '.join(fields)}")
     default = fields[name].default
     t = str(fields[name].type)
-    low = text.strip().lower()
-    if low in ("none", "null") and ("None" in t or default is None):
-        return None
+    if "bool" in t:
+        kind: type = bool
+    elif t.startswith("int") or (isinstance(default, int) and not isinstance(default, bool) and "float" not in t):
+        kind = int
+    elif "float" in t or isinstance(default, float):
+        kind = float
+    else:
+        kind = str
     try:
-        if "bool" in t:
-            if low not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError
-            return low in ("true", "1", "yes")
-        if t.startswith("int") or (isinstance(default, int) and not isinstance(default, bool) and "float" not in t):
-            return int(text)
-        if "float" in t or isinstance(default, float):
-            return float(text)
-    except ValueError:
-        raise ConfigError(f"{name}={text!r}: not a valid value for a field of type {t}") from None
-    return text
+        return typed_values.convert(text, kind, optional="None" in t or default is None)
+    except ValueError as e:
+        raise ConfigError(f"{name}={text!r}: must be {e} (a field of type {t})") from None
 
 
 def build_config(config_cls: type, overrides: Mapping[str, Any]) -> Any:
