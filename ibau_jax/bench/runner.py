@@ -32,7 +32,8 @@ class Commands(Protocol):
     def cmd_attack(self, args: argparse.Namespace) -> int: ...
 
 
-def cell_args(spec: ModelSpec, entry: zoo.ZooModel, cell: grid.Cell, out: Path, eval_every: int = 1) -> argparse.Namespace:
+def cell_args(spec: ModelSpec, entry: zoo.ZooModel, cell: grid.Cell, out: Path,
+              eval_every: int = 1) -> argparse.Namespace:
     """The ``defend`` flags of ``cell`` (what ``run_defense`` and ``load_experiment`` read)."""
     a = argparse.Namespace(command="bench", dataset=spec.dataset, data_dir=spec.data_dir, trigger_dir=spec.trigger_dir,
                            attack=spec.attack, attack_option=spec.attack_options, target=spec.target,
@@ -146,8 +147,9 @@ def _compilation_cache(path: Path) -> None:
 def run(config: BenchConfig, results_dir: str | Path, *, commands: Commands, train: bool = True,
         quiet: bool = False, log: Callable[[str], None] = print) -> int:
     """Run every unfinished (selected) cell of ``config`` into ``results_dir``; 0, or 130 when
-    interrupted. ``commands``: the command layer (``ibau_jax.cli.commands``). Cells whose zoo model is not trained (``train=False``) or whose defense
-    diverged are listed in ``RESULTS/status.json`` (the report names them)."""
+    interrupted. ``commands``: the command layer (``ibau_jax.cli.commands``). Cells whose zoo
+    model is not trained (``train=False``) or whose defense diverged are listed in
+    ``RESULTS/status.json`` (the report names them)."""
     from tqdm import tqdm
 
     from ..defenses import DivergenceError
@@ -174,7 +176,8 @@ def run(config: BenchConfig, results_dir: str | Path, *, commands: Commands, tra
     runnable = [c for c in todo if c.model in entries]
     records.write_status(d, status)
     log(f"{config.name} (profile {config.profile}): {len(all_cells)} cells, {len(done)} finished, "
-        f"{len(runnable)} to run" + (f", {len(todo) - len(runnable)} waiting for zoo models" if len(todo) > len(runnable) else ""))
+        f"{len(runnable)} to run"
+        + (f", {len(todo) - len(runnable)} waiting for zoo models" if len(todo) > len(runnable) else ""))
     experiments = _Experiments(commands)
     bar = tqdm(total=len(done) + len(runnable), initial=len(done), unit="cell", desc=config.name,
                dynamic_ncols=True, disable=quiet)

@@ -53,7 +53,8 @@ class ZooModel:
 
 def spec_dict(spec: ModelSpec) -> dict[str, Any]:
     """What identifies a zoo entry (paths to data excluded: the same data may live elsewhere)."""
-    d = {k: v for k, v in dataclasses.asdict(spec).items() if k not in ("name", "data_dir", "trigger_dir", "checkpoint")}
+    d = {k: v for k, v in dataclasses.asdict(spec).items()
+         if k not in ("name", "data_dir", "trigger_dir", "checkpoint")}
     if not d["attack_options"]:
         del d["attack_options"]  # absent when none: entries and records made before the key stay valid
     if spec.train is not None:
@@ -146,7 +147,8 @@ def _train(spec: ModelSpec, run_dir: Path, *, quiet: bool, log, commands: Any) -
         args = argparse.Namespace(
             command="attack", dataset=spec.dataset, data_dir=spec.data_dir, no_download=True, data_source="auto",
             attack=spec.attack, attack_option=spec.attack_options, trigger_dir=spec.trigger_dir, target=spec.target,
-            poison_ratio=spec.poison_ratio, model=spec.arch, epochs=t["epochs"], train_limit=t["train_limit"], batch_size=t["batch_size"],
+            poison_ratio=spec.poison_ratio, model=spec.arch, epochs=t["epochs"], train_limit=t["train_limit"],
+            batch_size=t["batch_size"],
             optimizer=t["optimizer"], lr=lr, weight_decay=t["weight_decay"], eval_every=max(1, t["epochs"] // 5),
             seed=t["seed"], out=str(run_dir), resume=resume, quiet=quiet, dp_noise=None, dp_clip=None)
         commands.validate(args)
