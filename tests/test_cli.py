@@ -217,8 +217,8 @@ def test_eval_every_skips_evaluations_but_always_evaluates_the_result(tmp_path, 
                                 clean_y=np.zeros(4, np.int32), num_classes=2, target=0, variables={"w": 0}, model=None)
     out = tmp_path / "r.json"
     args = argparse.Namespace(command="defend", devices=None, out=str(out), seed=0, quiet=True, checkpoint=None,
-                              model="m", dataset="digits", attack="badnets", n_clean=4, save=None, eval_every=every,
-                              eval_limit=0)
+                              model="m", dataset="digits", attack="badnets", attack_options={}, n_clean=4, save=None,
+                              eval_every=every, eval_limit=0)
     assert run_defense(args, ThreeRounds(), exp=exp) == 0
     res = json.loads(out.read_text())
     assert len(seen) == calls and seen[0] == 0 and seen[-1] == 3      # before ... the final model

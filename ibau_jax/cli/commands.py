@@ -172,7 +172,7 @@ def run_defense(args: argparse.Namespace, defense, exp=None) -> int:
     result: dict[str, Any] = {
         "defense": defense.name, "config": dataclasses.asdict(defense.config),
         "run": {"checkpoint": str(args.checkpoint), "model": args.model, "dataset": args.dataset,
-                "attack": args.attack, "attack_options": getattr(args, "attack_options", {}), "target": exp.target,
+                "attack": args.attack, "attack_options": args.attack_options, "target": exp.target,
                 "seed": args.seed, "n_clean": args.n_clean, "eval_limit": args.eval_limit,
                 "jax_backend": jax.default_backend(), "devices": sharding.num_devices(mesh),
                 "processes": jax.process_count(), "command": args.command},
